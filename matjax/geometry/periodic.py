@@ -1,0 +1,32 @@
+"""Periodic geometry inside ``jit``: edge vectors from positions, lattice and image shifts.
+
+Displacements are recomputed from (positions, lattice, shifts) rather than stored, so
+``jax.grad`` reaches both the positions (forces) and the cell (stress).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import jraph
+
+
+def edge_graph_index(graph: jraph.GraphsTuple) -> jnp.ndarray:
+    """[E] index of the graph each edge belongs to."""
+    n_graph = graph.n_edge.shape[0]
+    return jnp.repeat(jnp.arange(n_graph), graph.n_edge, total_repeat_length=graph.senders.shape[0])
+
+
+def edge_vectors(positions: jnp.ndarray, lattice: jnp.ndarray, graph: jraph.GraphsTuple) -> jnp.ndarray:
+    """[E, 3] r_ij = x_j + shift @ lattice - x_i, pointing from receiver i to sender j.
+
+    positions: [N, 3] Cartesian; lattice: [G, 3, 3] rows; shifts come from graph.edges.
+    """
+    offsets = jnp.einsum("ei,eij->ej", graph.edges["shifts"], lattice[edge_graph_index(graph)])
+    return positions[graph.senders] + offsets - positions[graph.receivers]
+
+
+def safe_norm(vectors: jnp.ndarray) -> jnp.ndarray:
+    """[...] Euclidean norm with a finite gradient at zero (padding edges have r = 0)."""
+    sq = jnp.sum(vectors * vectors, axis=-1)
+    safe = jnp.where(sq > 0, sq, 1.0)
+    return jnp.where(sq > 0, jnp.sqrt(safe), 0.0)
