@@ -39,7 +39,8 @@ class Budget(NamedTuple):
 def round_up(n: int) -> int:
     """Bucket a size: a multiple of 64 up to 512, then 1, 1.25, 1.5 or 1.75 x 2^k.
 
-    Few distinct buckets (few compilations) at most 25% padding waste.
+    Few distinct buckets (few compilations); padding adds < 64 elements up to 512 and
+    < 25% above.
     """
     if n <= 512:
         return 64 * max(1, math.ceil(n / 64))

@@ -19,8 +19,10 @@ import warnings
 import zipfile
 import zlib
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
+import pandas as pd
 
 from matjax.data.graphs import PackedGraphs, concat, take
 
@@ -31,6 +33,18 @@ KEY_DTYPE = "S32"
 def default_cache_dir() -> Path:
     """``$MATJAX_CACHE`` or ``~/.cache/matjax``."""
     return Path(os.environ.get("MATJAX_CACHE", Path.home() / ".cache" / "matjax"))
+
+
+def cached_frame(path: Path, make: Callable[[], pd.DataFrame]) -> pd.DataFrame:
+    """Table at ``path`` (CSV, gzip by suffix) if present; else ``make()``, saved atomically."""
+    if path.exists():
+        return pd.read_csv(path)
+    frame = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    frame.to_csv(tmp, index=False, compression="gzip" if path.suffix == ".gz" else None)
+    os.replace(tmp, path)
+    return frame
 
 
 def content_key(content: str | bytes | tuple[np.ndarray, ...]) -> bytes:

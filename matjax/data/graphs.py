@@ -5,7 +5,8 @@ Edge convention (used everywhere in matjax): edge ``e`` carries a message from a
 
     r_ij = (frac[j] + shifts[e] - frac[i]) @ lattice,    distances[e] = |r_ij|.
 
-All neighbours within the cutoff are listed, periodic images included, so an atom can be
+All neighbours with distance <= cutoff + 1e-8 A (pymatgen's tolerance, so a neighbour exactly
+at the cutoff is kept despite rounding) are listed, periodic images included, so an atom can be
 its own neighbour (a self-image) and the same pair can appear with several shifts in
 cells smaller than the cutoff. Edges are sorted by receiver, then distance.
 
@@ -28,7 +29,7 @@ from pymatgen.optimization.neighbors import find_points_in_spheres
 
 from matjax.data.elements import symbols
 
-# Coincident points closer than this are the atom itself, as in pymatgen.
+# Coincident points closer than this are the atom itself; the cutoff is widened by it, as in pymatgen.
 SELF_TOLERANCE = 1e-8
 
 
@@ -70,17 +71,28 @@ class CrystalGraph(NamedTuple):
         return self.frac @ self.lattice
 
 
-def _validate(species: np.ndarray, frac: np.ndarray, lattice: np.ndarray, cutoff: float) -> None:
+def _validated_cart(species: np.ndarray, frac: np.ndarray, lattice: np.ndarray, cutoff: float) -> np.ndarray:
+    """[N, 3] Cartesian positions, after checking the inputs describe a real crystal."""
     if len(species) == 0:
         raise ValueError("empty structure: no atoms")
     if frac.shape != (len(species), 3) or lattice.shape != (3, 3):
         raise ValueError(f"bad shapes: species {species.shape}, frac {frac.shape}, lattice {lattice.shape}")
-    if not np.isfinite(frac @ lattice).all():
+    cart = np.ascontiguousarray(frac @ lattice)
+    if not np.isfinite(cart).all():
         raise ValueError("non-finite coordinates or lattice")
-    if abs(np.linalg.det(lattice)) < 1e-6:
-        raise ValueError(f"degenerate lattice (volume {np.linalg.det(lattice):.3g} A^3)")
+    (a, b, c) = lattice.tolist()  # scalar triple product: 5x cheaper than np.linalg.det here
+    volume = a[0] * (b[1] * c[2] - b[2] * c[1]) - a[1] * (b[0] * c[2] - b[2] * c[0]) + a[2] * (b[0] * c[1] - b[1] * c[0])
+    if abs(volume) < 1e-6:
+        raise ValueError(f"degenerate lattice (volume {volume:.3g} A^3)")
     if not cutoff > 0:
         raise ValueError(f"cutoff must be positive, got {cutoff}")
+    return cart
+
+
+def _raise_coincident(centres: np.ndarray, points: np.ndarray, distances: np.ndarray) -> None:
+    pairs = np.flatnonzero((distances <= SELF_TOLERANCE) & (centres != points))
+    i, j = int(centres[pairs[0]]), int(points[pairs[0]])
+    raise ValueError(f"atoms {i} and {j} coincide (or are periodic images of each other)")
 
 
 def _symbol(z: int) -> str:
@@ -111,13 +123,14 @@ def build_graph(
     species = np.asarray(species, dtype=np.int32)
     frac = np.asarray(frac, dtype=np.float64)
     lattice = np.asarray(lattice, dtype=np.float64)
-    _validate(species, frac, lattice, cutoff)
-    cart = np.ascontiguousarray(frac @ lattice)
+    cart = _validated_cart(species, frac, lattice, cutoff)
     centres, points, images, distances = find_points_in_spheres(
         cart, cart, r=float(cutoff), pbc=np.asarray(pbc, dtype=np.int64),
         lattice=np.ascontiguousarray(lattice), tol=SELF_TOLERANCE,
     )
-    keep = np.nonzero((centres != points) | (distances > SELF_TOLERANCE))[0]
+    keep = np.flatnonzero(distances > SELF_TOLERANCE)
+    if len(distances) - len(keep) != len(species):  # more zero-length pairs than atoms' own
+        _raise_coincident(centres, points, distances)
     # One float key sorts by centre, then distance (all distances < 2 * cutoff + 1).
     edges = keep[np.argsort(centres[keep] * (2.0 * cutoff + 1.0) + distances[keep])]
     receivers = centres[edges].astype(np.int32)
