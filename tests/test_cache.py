@@ -18,8 +18,8 @@ def graphs_and_keys(n, seed=0):
 
 
 def assert_graphs_equal(packed_a, packed_b):
-    for a, b in zip(packed_a, packed_b):
-        np.testing.assert_array_equal(a, b)
+    for name in packed_a.fields():
+        np.testing.assert_array_equal(getattr(packed_a, name), getattr(packed_b, name))
 
 
 def test_round_trip_in_key_order_with_partial_hits(tmp_path):

@@ -30,7 +30,7 @@ def test_ordered_cu3au_is_stable_against_its_elements():
 
 def test_relaxation_lowers_the_energy():
     atoms = decorated("Cu", 3.9, [0, 1], "Ni")
-    atoms.calc = emt._emt_calculator()
+    atoms.calc = emt.emt_calculator()
     before = atoms.get_potential_energy() / len(atoms)
     assert emt.relax(atoms).energy_per_atom < before
 

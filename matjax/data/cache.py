@@ -64,7 +64,7 @@ def content_key(content: str | bytes | tuple[np.ndarray, ...]) -> bytes:
 
 def _checksum(keys: np.ndarray, packed: PackedGraphs) -> int:
     crc = zlib.crc32(np.ascontiguousarray(keys).tobytes())
-    for a in packed:
+    for a in packed.arrays().values():
         crc = zlib.crc32(np.ascontiguousarray(a).tobytes(), crc)
     return crc
 
@@ -98,7 +98,7 @@ class GraphCache:
                     hit = ~found & np.isin(keys, shard_keys)
                     if not hit.any():
                         continue
-                    packed = PackedGraphs(*(shard[name] for name in PackedGraphs._fields))
+                    packed = PackedGraphs(**{name: shard[name] for name in PackedGraphs.fields()})
                     if int(shard["checksum"]) != _checksum(shard_keys, packed):
                         raise ValueError("checksum mismatch")
                     _check_consistent(packed)
@@ -126,6 +126,6 @@ class GraphCache:
         path = self.dir / f"{hashlib.sha256(keys.tobytes()).hexdigest()[:16]}.npz"
         tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")  # not *.npz: never loaded
         with open(tmp, "wb") as f:
-            np.savez(f, keys=keys, checksum=np.uint32(_checksum(keys, packed)), **packed._asdict())
+            np.savez(f, keys=keys, checksum=np.uint32(_checksum(keys, packed)), **packed.arrays())
         os.replace(tmp, path)
         return path

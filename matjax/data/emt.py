@@ -4,7 +4,7 @@ Effective-medium theory (ASE's ``EMT``) is a real, cheap many-body potential for
 fcc metals, so this set needs no network, no API key and no shared data, yet its targets
 come from a physical model. Each crystal is a random decoration of an fcc, bcc or hcp
 supercell (4-16 atoms) at the Vegard's-law volume, rattled, then briefly relaxed
-(positions and cell, BFGS, ``fmax`` 0.02 eV/A, at most 100 steps). Formation energy per
+(``matjax.data.relax``: positions and cell, BFGS, ``fmax`` 0.02 eV/A, at most 100 steps). Formation energy per
 atom is relative to each element's relaxed fcc crystal, EMT's own ground state:
 
     E_form = (E_total - sum_i n_i mu_i) / N
@@ -15,7 +15,6 @@ relaxation (``relax``) is the oracle of the discovery pipeline.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from tqdm.auto import tqdm
 
 from matjax.data.cache import cached_frame, default_cache_dir
 from matjax.data.dataset import Dataset
+from matjax.data.relax import FMAX, MAX_STEPS, Relaxed, relax_and_score, relax_atoms
 from matjax.data.sources import dataset_from_frame
 
 ELEMENTS = ("Al", "Cu", "Ag", "Au", "Ni", "Pd", "Pt")
@@ -35,72 +35,36 @@ PROTOTYPES = {
     "hcp": ((2, 1, 1), (2, 2, 1), (2, 2, 2)),
 }
 DATASET_VERSION = 1
-FMAX = 0.02
-MAX_STEPS = 100
 
 
-@dataclasses.dataclass(frozen=True)
-class Relaxed:
-    """Outcome of an EMT relaxation."""
-
-    atoms: object  # ase.Atoms, relaxed
-    energy_per_atom: float
-    formation_energy_per_atom: float
-    steps: int
-    converged: bool
-
-
-def _emt_calculator():
+def emt_calculator():
     from ase.calculators.emt import EMT
 
     return EMT()
 
 
-def _check_elements(symbols) -> None:
-    unknown = sorted(set(symbols) - set(ELEMENTS))
-    if unknown:
-        raise ValueError(f"EMT covers {', '.join(ELEMENTS)}; got unsupported element(s) {unknown}")
-
-
-def _relax_atoms(atoms, fmax: float, steps: int) -> tuple[object, int, bool]:
-    from ase.filters import UnitCellFilter
-    from ase.optimize import BFGS
-
-    atoms = atoms.copy()
-    atoms.calc = _emt_calculator()
-    # UnitCellFilter: FrechetCellFilter's matrix logarithms cost 6x more on these small cells.
-    optimizer = BFGS(UnitCellFilter(atoms), logfile=None)
-    converged = bool(optimizer.run(fmax=fmax, steps=steps))
-    return atoms, optimizer.nsteps, converged
-
-
 @functools.cache
-def references() -> dict[str, tuple[float, float]]:
-    """element -> (energy per atom, volume per atom) of its relaxed EMT fcc crystal."""
+def _fcc_references() -> dict[str, tuple[float, float]]:
     from ase.build import bulk
 
     refs = {}
     for el in ELEMENTS:
-        atoms, _, _ = _relax_atoms(bulk(el, "fcc", cubic=True), FMAX / 10, 200)
+        atoms, _, _ = relax_atoms(bulk(el, "fcc", cubic=True), emt_calculator, FMAX / 10, 200)
         refs[el] = (atoms.get_potential_energy() / len(atoms), atoms.get_volume() / len(atoms))
     return refs
 
 
-def relax(atoms, fmax: float = FMAX, steps: int = MAX_STEPS) -> Relaxed:
-    """Relax positions and cell with EMT; energies per atom in eV.
+def references() -> dict[str, float]:
+    """element -> EMT energy per atom of its relaxed fcc crystal (the formation-energy zero)."""
+    return {el: energy for el, (energy, _) in _fcc_references().items()}
 
-    Raises ValueError naming the elements if EMT does not cover them.
-    """
-    symbols = atoms.get_chemical_symbols()
-    _check_elements(symbols)
-    relaxed, n_steps, converged = _relax_atoms(atoms, fmax, steps)
-    energy = relaxed.get_potential_energy()
-    if not np.isfinite(energy):
-        raise ValueError(f"EMT energy of {relaxed.get_chemical_formula()} is not finite")
-    mu = references()
-    e_ref = sum(mu[s][0] for s in symbols)
-    n = len(symbols)
-    return Relaxed(relaxed, energy / n, (energy - e_ref) / n, n_steps, converged)
+
+def relax(atoms, fmax: float = FMAX, steps: int = MAX_STEPS) -> Relaxed:
+    """Relax with EMT and score against the fcc elements; ValueError names unsupported elements."""
+    unknown = sorted(set(atoms.get_chemical_symbols()) - set(ELEMENTS))
+    if unknown:
+        raise ValueError(f"EMT covers {', '.join(ELEMENTS)}; got unsupported element(s) {unknown}")
+    return relax_and_score(atoms, emt_calculator, references(), fmax, steps)
 
 
 def _prototype_cell(prototype: str, volume_per_atom: float):
@@ -127,7 +91,7 @@ def random_alloy(rng: np.random.Generator):
     cuts = np.sort(rng.choice(np.arange(1, n_sites), size=n_species - 1, replace=False))
     counts = np.diff(np.concatenate([[0], cuts, [n_sites]]))
     symbols = rng.permutation(np.repeat(elements, counts))
-    volume = np.mean([references()[s][1] for s in symbols])
+    volume = np.mean([_fcc_references()[s][1] for s in symbols])
     atoms = _prototype_cell(prototype, volume).repeat(repeats)
     atoms.set_chemical_symbols(symbols.tolist())
     atoms.rattle(0.02, seed=int(rng.integers(2**31)))

@@ -22,6 +22,7 @@ cutoff, or drop the structure (the dataset builders do so and report it).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import numpy as np
@@ -176,12 +177,14 @@ def graph_to_structure(graph: CrystalGraph):
     return Structure(Lattice(graph.lattice), graph.species.tolist(), graph.frac)
 
 
-class PackedGraphs(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class PackedGraphs:
     """Many crystal graphs in concatenated arrays (CSR style), host side.
 
     Per graph: n_node [M], n_edge [M], lattice [M, 3, 3]. Per node (sum N): species, frac.
     Per edge (sum E): senders, receivers (local to their graph), shifts, distances.
     Subsetting, batching and caching are vectorised gathers over this layout.
+    ``len()`` is the number of graphs M.
     """
 
     n_node: np.ndarray
@@ -196,6 +199,17 @@ class PackedGraphs(NamedTuple):
 
     def __len__(self) -> int:
         return len(self.n_node)
+
+    @classmethod
+    def fields(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Field name -> array, in field order."""
+        return {name: getattr(self, name) for name in self.fields()}
+
+    def replace(self, **arrays) -> "PackedGraphs":
+        return dataclasses.replace(self, **arrays)
 
     def graph(self, i: int) -> CrystalGraph:
         n0, e0 = self.n_node[:i].sum(), self.n_edge[:i].sum()
@@ -243,4 +257,4 @@ def take(packed: PackedGraphs, indices) -> PackedGraphs:
 
 def concat(parts) -> PackedGraphs:
     """Concatenate PackedGraphs along the graph axis."""
-    return PackedGraphs(*(np.concatenate(field) for field in zip(*parts)))
+    return PackedGraphs(**{name: np.concatenate([getattr(p, name) for p in parts]) for name in PackedGraphs.fields()})
