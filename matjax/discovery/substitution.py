@@ -50,6 +50,9 @@ class Candidates:
     def __len__(self) -> int:
         return len(self.parent)
 
+    def subset(self, indices) -> "Candidates":
+        return Candidates(*(getattr(self, f.name)[indices] for f in dataclasses.fields(self)))
+
 
 @functools.cache
 def _table():

@@ -1,0 +1,267 @@
+"""Active-learning discovery: train -> generate -> screen -> select -> validate -> grow.
+
+Each round r works in ``<run_dir>/round-<r>/`` and saves every stage's output atomically::
+
+    model/        the surrogate's checkpoints (it resumes from them)
+    pool.npz      substitution candidates into near-hull known crystals, de-duplicated
+    screen.npz    ensemble mean and std of the formation energy of every candidate
+    picks.csv     candidates chosen by the acquisition and at random (the baseline)
+    oracle.csv    their validated formation energies, relaxed structures and hit flags
+
+``<run_dir>/known-<r>.csv`` is the labelled set a round starts from (CDVAE rows); the
+validated crystals of round r are appended to make ``known-<r+1>.csv``. A stage whose
+file exists is not redone, so a killed run resumes in the stage it was in.
+
+A *hit* is a validated crystal whose formation energy lies on or below the convex hull of
+the crystals known at the start of its round (within ``hit_tolerance``) and that is not a
+known crystal relaxed back into itself (pymatgen StructureMatcher). Enrichment is the hit
+rate of the acquisition's picks over that of random picks from the same pool.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+
+from matjax.config import DiscoveryConfig
+from matjax.data.dataset import Dataset
+from matjax.data.elements import symbols
+from matjax.data.graphs import PackedGraphs, graph_to_structure, take
+from matjax.data.splits import split_indices
+from matjax.discovery.fingerprint import first_occurrences, graph_fingerprints
+from matjax.discovery.hull import Hull
+from matjax.discovery.screening import acquisition, candidate_formulas, screen
+from matjax.discovery.substitution import Candidates, candidate_graphs, generate_candidates
+
+log = logging.getLogger("matjax")
+TARGET = "formation_energy_per_atom"
+
+
+class Surrogate(Protocol):
+    """What the loop needs of a model: fit on the known set, predict mean and std."""
+
+    def fit(self, train: Dataset, val: Dataset, workdir: Path, warm_start: Any | None) -> Any: ...
+
+    def predict(self, state: Any, graphs: PackedGraphs) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+class Oracle(Protocol):
+    name: str
+
+    def evaluate(self, ids, structures) -> list: ...
+
+
+def graph_formulas(graphs: PackedGraphs) -> list[str]:
+    """Reduced formula of every graph."""
+    from pymatgen.core import Composition
+
+    starts = np.cumsum(graphs.n_node) - graphs.n_node
+    out = []
+    for s, n in zip(starts, graphs.n_node):
+        z, counts = np.unique(graphs.species[s: s + n], return_counts=True)
+        out.append(Composition({symbols()[a]: int(c) for a, c in zip(z, counts)}).reduced_formula)
+    return out
+
+
+def known_hull(known: Dataset) -> Hull:
+    return Hull(graph_formulas(known.graphs), known.target(TARGET))
+
+
+def _save_npz(path: Path, **arrays) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+def _save_csv(path: Path, frame: pd.DataFrame) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    frame.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def build_pool(known: Dataset, hull: Hull, cfg: DiscoveryConfig) -> tuple[PackedGraphs, Candidates]:
+    """(parent graphs, candidates): substitutions into known crystals near the hull, with
+    duplicates and already-known crystals removed by fingerprint."""
+    e_hull = hull.e_above_hull(graph_formulas(known.graphs), known.target(TARGET))
+    parents = take(known.graphs, np.flatnonzero(e_hull <= cfg.parent_max_e_above_hull))
+    if len(parents) == 0:
+        raise ValueError(f"no known crystal within {cfg.parent_max_e_above_hull} eV/atom of the hull to substitute into")
+    candidates = generate_candidates(parents, cfg.allowed_elements, cfg.substitution_threshold)
+    keep = first_occurrences(graph_fingerprints(candidate_graphs(parents, candidates)),
+                             exclude=graph_fingerprints(known.graphs))
+    return parents, candidates.subset(np.flatnonzero(keep))
+
+
+def _pool(path: Path, known: Dataset, hull: Hull, cfg: DiscoveryConfig) -> tuple[PackedGraphs, Candidates]:
+    """build_pool, saved to (and later read from) ``path``."""
+    if not path.exists():
+        parents, candidates = build_pool(known, hull, cfg)
+        _save_npz(path, **{f"parent_{k}": v for k, v in parents.arrays().items()},
+                  **{f"cand_{f.name}": getattr(candidates, f.name) for f in dataclasses.fields(candidates)})
+    saved = np.load(path)
+    parents = PackedGraphs(**{k: saved[f"parent_{k}"] for k in PackedGraphs.fields()})
+    return parents, Candidates(**{f.name: saved[f"cand_{f.name}"] for f in dataclasses.fields(Candidates)})
+
+
+def choose(mean: np.ndarray, std: np.ndarray, e_hull_pred: np.ndarray, cfg: DiscoveryConfig,
+           rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(selected, random) candidate indices: the n_select lowest acquisition values among
+    candidates predicted to form (E_form < 0), and n_random uniform picks of the pool."""
+    eligible = np.flatnonzero(mean < 0)
+    order = eligible[np.argsort(acquisition(e_hull_pred[eligible], std[eligible], cfg.kappa), kind="stable")]
+    random = rng.choice(len(mean), size=min(cfg.n_random, len(mean)), replace=False)
+    return order[: cfg.n_select], random
+
+
+def _rediscovered(structure, known_by_formula: dict) -> bool:
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+
+    same = known_by_formula.get(structure.composition.reduced_formula, [])
+    return any(StructureMatcher().fit(structure, other) for other in same)
+
+
+def validate(oracle: Oracle, parents: PackedGraphs, candidates: Candidates, picks: pd.DataFrame,
+             hull: Hull, known: Dataset, tolerance: float) -> pd.DataFrame:
+    """Oracle results for ``picks`` with hit flags (see the module docstring)."""
+    from pymatgen.io.cif import CifWriter
+
+    unique = picks.drop_duplicates("candidate")
+    graphs = candidate_graphs(parents, candidates, unique["candidate"].to_numpy())
+    results = oracle.evaluate(unique["id"].tolist(), [graph_to_structure(graphs.graph(i)) for i in range(len(graphs))])
+    formulas = graph_formulas(known.graphs)
+    by_formula: dict[str, list] = {}
+    for i, f in enumerate(formulas):
+        by_formula.setdefault(f, []).append(known.structure(i))
+    rows = []
+    for r in results:
+        row = {"id": r.id, "validated_e_form": r.formation_energy_per_atom, "error": r.error, "cif": None,
+               "validated_e_above_hull": np.nan, "rediscovery": False, "hit": False}
+        if r.ok:
+            formula = r.structure.composition.reduced_formula
+            e_hull = float(hull.e_above_hull([formula], [r.formation_energy_per_atom])[0])
+            rediscovery = _rediscovered(r.structure, by_formula)
+            row.update(cif=str(CifWriter(r.structure)), validated_e_above_hull=e_hull, rediscovery=rediscovery,
+                       hit=bool(e_hull <= tolerance and not rediscovery))
+        rows.append(row)
+    return picks.merge(pd.DataFrame(rows), on="id", how="left")
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundSummary:
+    round: int
+    n_known: int
+    n_parents: int
+    n_candidates: int
+    n_predicted_negative: int
+    n_selected: int
+    n_random: int
+    hit_rate: float
+    random_hit_rate: float
+    enrichment: float | None
+    n_new_stable: int
+    validated_mae: float
+    spearman_error_std: float | None
+    oracle_failures: int
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float | None:
+    if len(a) < 3 or np.std(a) == 0 or np.std(b) == 0:
+        return None
+    rank = lambda x: np.argsort(np.argsort(x))  # noqa: E731
+    return float(np.corrcoef(rank(a), rank(b))[0, 1])
+
+
+def summarize(r: int, known: Dataset, n_parents: int, screened_mean: np.ndarray, validated: pd.DataFrame) -> RoundSummary:
+    ok = validated[validated.error.isna()]
+    sel, rnd = ok[ok.kind == "selected"], ok[ok.kind == "random"]
+    hit_rate = float(sel.hit.mean()) if len(sel) else 0.0
+    random_rate = float(rnd.hit.mean()) if len(rnd) else 0.0
+    err = np.abs(ok.pred_mean - ok.validated_e_form).to_numpy()
+    return RoundSummary(
+        round=r, n_known=len(known), n_parents=n_parents, n_candidates=len(screened_mean),
+        n_predicted_negative=int((screened_mean < 0).sum()), n_selected=len(sel), n_random=len(rnd),
+        hit_rate=hit_rate, random_hit_rate=random_rate,
+        enrichment=hit_rate / random_rate if random_rate > 0 else None,
+        n_new_stable=int(ok.drop_duplicates("candidate").hit.sum()),
+        validated_mae=float(err.mean()) if len(err) else float("nan"),
+        spearman_error_std=_spearman(err, ok.pred_std.to_numpy()),
+        oracle_failures=int(validated.error.notna().sum()),
+    )
+
+
+def _train_val(known: Dataset) -> tuple[Dataset, Dataset]:
+    """90/10 split by hashed id: the test bucket joins training, the loop is its own test."""
+    parts = split_indices(known.ids)
+    return known.subset(np.sort(np.concatenate([parts["train"], parts["test"]]))), known.subset(parts["val"])
+
+
+def run_round(r: int, known_rows: pd.DataFrame, load: Any, surrogate: Surrogate, oracle: Oracle,
+              cfg: DiscoveryConfig, run_dir: Path, warm_start: Any | None):
+    """One round; returns (summary, validated rows, the fitted surrogate state)."""
+    rdir = run_dir / f"round-{r}"
+    rdir.mkdir(parents=True, exist_ok=True)
+    known = load(known_rows)
+    hull = known_hull(known)
+    state = surrogate.fit(*_train_val(known), rdir / "model", warm_start)
+    parents, candidates = _pool(rdir / "pool.npz", known, hull, cfg)
+    if not (rdir / "screen.npz").exists():
+        screened = screen(lambda g: surrogate.predict(state, g), parents, candidates)
+        _save_npz(rdir / "screen.npz", mean=screened.mean, std=screened.std)
+    saved = np.load(rdir / "screen.npz")
+    mean, std = saved["mean"], saved["std"]
+    if not (rdir / "picks.csv").exists():
+        formulas = candidate_formulas(candidates, parents, np.arange(len(candidates)))
+        e_hull_pred = hull.e_above_hull(formulas, mean)
+        selected, random = choose(mean, std, e_hull_pred, cfg, np.random.default_rng([cfg.seed, r]))
+        picks = pd.concat([
+            pd.DataFrame({"candidate": idx, "kind": kind}) for idx, kind in ((selected, "selected"), (random, "random"))
+        ])
+        idx = picks.candidate.to_numpy()
+        picks = picks.assign(
+            id=[f"r{r}-c{i}" for i in idx], formula=[formulas[i] for i in idx], pred_mean=mean[idx],
+            pred_std=std[idx], pred_e_above_hull=e_hull_pred[idx], probability=candidates.probability[idx],
+        )
+        _save_csv(rdir / "picks.csv", picks)
+    if not (rdir / "oracle.csv").exists():
+        validated = validate(oracle, parents, candidates, pd.read_csv(rdir / "picks.csv"), hull, known, cfg.hit_tolerance)
+        _save_csv(rdir / "oracle.csv", validated)
+    validated = pd.read_csv(rdir / "oracle.csv")
+    return summarize(r, known, len(parents), mean, validated), validated, state
+
+
+def grow(known_rows: pd.DataFrame, validated: pd.DataFrame) -> pd.DataFrame:
+    """Known rows plus every successfully validated crystal (once each)."""
+    new = validated[validated.error.isna()].drop_duplicates("candidate")
+    return pd.concat([known_rows, pd.DataFrame({
+        "material_id": new.id, "cif": new.cif, TARGET: new.validated_e_form,
+    })], ignore_index=True)
+
+
+def run(initial_rows: pd.DataFrame, load, surrogate: Surrogate, oracle: Oracle, cfg: DiscoveryConfig,
+        run_dir: Path) -> list[RoundSummary]:
+    """All rounds, resuming from whatever ``run_dir`` already holds.
+
+    initial_rows: CDVAE rows (material_id, cif, formation_energy_per_atom) known at the
+    start; load: rows -> Dataset with target formation_energy_per_atom (graphs cached).
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    known_path = run_dir / "known-0.csv"
+    if not known_path.exists():
+        _save_csv(known_path, initial_rows[["material_id", "cif", TARGET]])
+    summaries, state = [], None
+    for r in range(cfg.rounds):
+        known_rows = pd.read_csv(run_dir / f"known-{r}.csv")
+        summary, validated, state = run_round(r, known_rows, load, surrogate, oracle, cfg, run_dir, state)
+        if not (run_dir / f"known-{r + 1}.csv").exists():
+            _save_csv(run_dir / f"known-{r + 1}.csv", grow(known_rows, validated))
+        summaries.append(summary)
+        log.info("round %d: %s", r, json.dumps(dataclasses.asdict(summary), default=float))
+    return summaries

@@ -1,0 +1,65 @@
+"""Screening: stream candidates through an ensemble, then rank them for validation.
+
+``screen`` never holds more than one chunk of candidate graphs: each chunk is built from
+the parents' topology (``candidate_graphs``) and passed to ``predict``, any function
+``PackedGraphs -> (mean [M, T], std [M, T])`` such as a CGCNN ensemble.
+
+Ranking (``acquisition``) is optimistic about uncertain candidates, as in a lower confidence
+bound: predicted energy above the known hull minus kappa ensemble standard deviations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from matjax.data.elements import symbols
+from matjax.data.graphs import PackedGraphs
+from matjax.discovery.substitution import Candidates, candidate_graphs
+
+Predictor = Callable[[PackedGraphs], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Screened:
+    """Ensemble predictions for C candidates: mean and std [C, T] (target units)."""
+
+    mean: np.ndarray
+    std: np.ndarray
+
+
+def screen(predict: Predictor, parents: PackedGraphs, candidates: Candidates, chunk: int = 8192,
+           progress: bool = True) -> Screened:
+    """Predictions for every candidate, ``chunk`` candidates' graphs at a time."""
+    means, stds = [], []
+    for start in tqdm(range(0, len(candidates), chunk), desc="screening", disable=not progress, mininterval=1.0):
+        idx = np.arange(start, min(start + chunk, len(candidates)))
+        mean, std = predict(candidate_graphs(parents, candidates, idx))
+        means.append(np.asarray(mean))
+        stds.append(np.asarray(std))
+    if not means:
+        raise ValueError("no candidates to screen")
+    return Screened(np.concatenate(means), np.concatenate(stds))
+
+
+def candidate_formulas(candidates: Candidates, parents: PackedGraphs, indices) -> list[str]:
+    """Reduced formulas of candidates ``indices``, from the parents' species counts."""
+    from pymatgen.core import Composition
+
+    starts = np.cumsum(parents.n_node) - parents.n_node
+    formulas = []
+    for i in np.asarray(indices):
+        p = candidates.parent[i]
+        old_z, counts = np.unique(parents.species[starts[p]: starts[p] + parents.n_node[p]], return_counts=True)
+        slots = [int(np.flatnonzero(candidates.old[i] == z)[0]) for z in old_z]
+        formula = {symbols()[candidates.new[i, s]]: int(n) for s, n in zip(slots, counts)}
+        formulas.append(Composition(formula).reduced_formula)
+    return formulas
+
+
+def acquisition(e_above_hull: np.ndarray, std: np.ndarray, kappa: float = 1.0) -> np.ndarray:
+    """[C] lower confidence bound of the energy above the hull (lower = more promising)."""
+    return e_above_hull - kappa * std

@@ -1,0 +1,99 @@
+"""The discovery loop's mechanics with a cheap stand-in surrogate and the real EMT oracle."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from matjax.config import DiscoveryConfig
+from matjax.data.emt import ELEMENTS, emt_alloy_rows
+from matjax.data.sources import dataset_from_frame
+from matjax.discovery import active
+from matjax.discovery.oracles import emt_oracle
+
+
+class CompositionSurrogate:
+    """Bootstrap ensemble of least-squares fits of E_form on element fractions."""
+
+    def __init__(self):
+        self.fits = 0
+
+    @staticmethod
+    def fractions(graphs):
+        node_graph = np.repeat(np.arange(len(graphs)), graphs.n_node)
+        x = np.zeros((len(graphs), 104))
+        np.add.at(x, (node_graph, graphs.species), 1.0)
+        return x / graphs.n_node[:, None]
+
+    def fit(self, train, val, workdir, warm_start):
+        self.fits += 1
+        x, y = self.fractions(train.graphs), train.target(active.TARGET)
+        rng = np.random.default_rng(0)
+        boots = [rng.integers(len(y), size=len(y)) for _ in range(5)]
+        return [np.linalg.lstsq(x[b], y[b], rcond=None)[0] for b in boots]
+
+    def predict(self, state, graphs):
+        preds = np.stack([self.fractions(graphs) @ w for w in state])
+        return preds.mean(0), preds.std(0)
+
+
+class CountingOracle:
+    def __init__(self):
+        self.inner, self.name, self.calls = emt_oracle(), "EMT", 0
+
+    def evaluate(self, ids, structures):
+        self.calls += len(ids)
+        return self.inner.evaluate(ids, structures)
+
+
+def load(rows):
+    return dataset_from_frame(rows, [active.TARGET], cutoff=8.0, max_neighbors=12)
+
+
+CFG = DiscoveryConfig(rounds=2, n_select=4, n_random=4, parent_max_e_above_hull=0.05, allowed_elements=ELEMENTS)
+
+
+@pytest.fixture(scope="module")
+def initial(tmp_path_factory):
+    return emt_alloy_rows(n=30, seed=5, cache_dir=tmp_path_factory.mktemp("emt"))
+
+
+def test_rounds_grow_the_known_set_and_report(initial, tmp_path, cache_dir):
+    summaries = active.run(initial, load, CompositionSurrogate(), CountingOracle(), CFG, tmp_path / "run")
+    assert [s.round for s in summaries] == [0, 1]
+    for s in summaries:
+        # Only candidates predicted to form (E_form < 0) may be selected.
+        assert s.n_candidates > 0 and s.n_selected == min(4, s.n_predicted_negative) and s.n_random == 4
+        assert 0 <= s.hit_rate <= 1 and 0 <= s.random_hit_rate <= 1
+    known = [pd.read_csv(tmp_path / "run" / f"known-{r}.csv") for r in range(3)]
+    assert len(known[0]) < len(known[1]) < len(known[2])
+    oracle = pd.read_csv(tmp_path / "run" / "round-0" / "oracle.csv")
+    ok = oracle[oracle.error.isna()]
+    # Hits are exactly the validated crystals on or below the round's known hull.
+    hull = active.known_hull(load(known[0]))
+    e_hull = hull.e_above_hull(ok.formula.tolist(), ok.validated_e_form.tolist())
+    np.testing.assert_allclose(e_hull, ok.validated_e_above_hull, atol=1e-9)
+    assert (ok.hit == ((e_hull <= 0) & ~ok.rediscovery)).all()
+    # New ids are unique: a candidate picked twice is validated and added once.
+    assert known[2].material_id.is_unique
+
+
+def test_a_killed_run_resumes_without_redoing_finished_stages(initial, tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    first_oracle = CountingOracle()
+    active.run(initial, load, CompositionSurrogate(), first_oracle, CFG, run_dir)
+    expected = pd.read_csv(run_dir / "round-1" / "oracle.csv")
+    # Kill in round 1 after screening: the picks and oracle results are lost.
+    (run_dir / "round-1" / "oracle.csv").unlink()
+    (run_dir / "round-1" / "picks.csv").unlink()
+    (run_dir / "known-2.csv").unlink()
+    oracle = CountingOracle()
+    active.run(initial, load, CompositionSurrogate(), oracle, CFG, run_dir)
+    redone = pd.read_csv(run_dir / "round-1" / "oracle.csv")
+    assert oracle.calls == len(redone.drop_duplicates("candidate")) < first_oracle.calls
+    pd.testing.assert_frame_equal(redone[["id", "kind", "hit"]], expected[["id", "kind", "hit"]])
+
+
+def test_empty_chemical_space_is_a_clear_error(initial, tmp_path, cache_dir):
+    cfg = DiscoveryConfig(rounds=1, parent_max_e_above_hull=-10.0)
+    with pytest.raises(ValueError, match="no known crystal within"):
+        active.run(initial, load, CompositionSurrogate(), CountingOracle(), cfg, tmp_path / "run")
