@@ -1,5 +1,8 @@
 """The discovery loop's mechanics with a cheap stand-in surrogate and the real EMT oracle."""
 
+import json
+import shutil
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -9,6 +12,7 @@ from matjax.data.emt import ELEMENTS, emt_alloy_rows
 from matjax.data.sources import dataset_from_frame
 from matjax.discovery import active
 from matjax.discovery.oracles import emt_oracle
+from matjax.discovery.report import write_report
 
 
 class CompositionSurrogate:
@@ -57,16 +61,27 @@ def initial(tmp_path_factory):
     return emt_alloy_rows(n=30, seed=5, cache_dir=tmp_path_factory.mktemp("emt"))
 
 
-def test_rounds_grow_the_known_set_and_report(initial, tmp_path, cache_dir):
-    summaries = active.run(initial, load, CompositionSurrogate(), CountingOracle(), CFG, tmp_path / "run")
+@pytest.fixture(scope="module")
+def finished(initial, tmp_path_factory):
+    """(summaries, run_dir, oracle calls) of one complete two-round campaign."""
+    run_dir = tmp_path_factory.mktemp("campaign") / "run"
+    oracle = CountingOracle()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MATJAX_CACHE", str(run_dir.parent / "cache"))
+        summaries = active.run(initial, load, CompositionSurrogate(), oracle, CFG, run_dir)
+    return summaries, run_dir, oracle.calls
+
+
+def test_rounds_grow_the_known_set_and_report(finished, cache_dir):
+    summaries, run_dir, _ = finished
     assert [s.round for s in summaries] == [0, 1]
     for s in summaries:
         # Only candidates predicted to form (E_form < 0) may be selected.
         assert s.n_candidates > 0 and s.n_selected == min(4, s.n_predicted_negative) and s.n_random == 4
         assert 0 <= s.hit_rate <= 1 and 0 <= s.random_hit_rate <= 1
-    known = [pd.read_csv(tmp_path / "run" / f"known-{r}.csv") for r in range(3)]
+    known = [pd.read_csv(run_dir / f"known-{r}.csv") for r in range(3)]
     assert len(known[0]) < len(known[1]) < len(known[2])
-    oracle = pd.read_csv(tmp_path / "run" / "round-0" / "oracle.csv")
+    oracle = pd.read_csv(run_dir / "round-0" / "oracle.csv")
     ok = oracle[oracle.error.isna()]
     # Hits are exactly the validated crystals on or below the round's known hull.
     hull = active.known_hull(load(known[0]))
@@ -77,19 +92,18 @@ def test_rounds_grow_the_known_set_and_report(initial, tmp_path, cache_dir):
     assert known[2].material_id.is_unique
 
 
-def test_a_killed_run_resumes_without_redoing_finished_stages(initial, tmp_path, cache_dir):
+def test_a_killed_run_resumes_without_redoing_finished_stages(finished, initial, tmp_path, cache_dir):
+    _, done_dir, first_calls = finished
     run_dir = tmp_path / "run"
-    first_oracle = CountingOracle()
-    active.run(initial, load, CompositionSurrogate(), first_oracle, CFG, run_dir)
+    shutil.copytree(done_dir, run_dir)
     expected = pd.read_csv(run_dir / "round-1" / "oracle.csv")
-    # Kill in round 1 after screening: the picks and oracle results are lost.
-    (run_dir / "round-1" / "oracle.csv").unlink()
-    (run_dir / "round-1" / "picks.csv").unlink()
-    (run_dir / "known-2.csv").unlink()
+    # Killed in round 1 after screening: its picks and oracle results were never written.
+    for lost in ["round-1/oracle.csv", "round-1/picks.csv", "known-2.csv"]:
+        (run_dir / lost).unlink()
     oracle = CountingOracle()
     active.run(initial, load, CompositionSurrogate(), oracle, CFG, run_dir)
     redone = pd.read_csv(run_dir / "round-1" / "oracle.csv")
-    assert oracle.calls == len(redone.drop_duplicates("candidate")) < first_oracle.calls
+    assert oracle.calls == len(redone.drop_duplicates("candidate")) < first_calls
     pd.testing.assert_frame_equal(redone[["id", "kind", "hit"]], expected[["id", "kind", "hit"]])
 
 
@@ -97,3 +111,16 @@ def test_empty_chemical_space_is_a_clear_error(initial, tmp_path, cache_dir):
     cfg = DiscoveryConfig(rounds=1, parent_max_e_above_hull=-10.0)
     with pytest.raises(ValueError, match="no known crystal within"):
         active.run(initial, load, CompositionSurrogate(), CountingOracle(), cfg, tmp_path / "run")
+
+
+def test_report_files_and_numbers(finished, tmp_path):
+    summaries, done_dir, _ = finished
+    run_dir = tmp_path / "run"
+    shutil.copytree(done_dir, run_dir)
+    summary = write_report(summaries, run_dir, wall_s=1.0, oracle="EMT", title="test campaign")
+    for name in ["report.md", "rounds.csv", "discoveries.csv", "summary.json", "hit_rates.png", "validation.png"]:
+        assert (run_dir / name).stat().st_size > 0, name
+    assert json.loads((run_dir / "summary.json").read_text()) == summary
+    assert summary["hit_rate_by_round"] == [s.hit_rate for s in summaries]
+    found = pd.read_csv(run_dir / "discoveries.csv")
+    assert len(found) == summary["n_new_stable"] and (found.validated_e_above_hull <= 0).all()
