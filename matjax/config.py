@@ -43,4 +43,55 @@ class DiscoveryConfig:
     substitution_threshold: float = 1e-3
     allowed_elements: tuple[str, ...] | None = None
     hit_tolerance: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class CGCNNConfig:
+    """CGCNN model (Xie & Grossman 2018); defaults are the reference implementation's.
+
+    graph: neighbour graph and distance expansion (reference: 8 A, 12 neighbours, 41
+    Gaussians 0.2 A apart); atom_features: F, the width of the atom features; n_conv:
+    gated convolutions; hidden_features / n_hidden: the MLP head after pooling;
+    targets: predicted columns, e.g. ("formation_energy_per_atom", "band_gap");
+    use_descriptors: also feed ``element_descriptors()`` to the atom embedding;
+    bn_momentum: running-average decay of BatchNorm (torch's momentum 0.1).
+    """
+
+    graph: GraphConfig = GraphConfig(cutoff=8.0, max_neighbors=12, num_rbf=41)
+    atom_features: int = 64
+    n_conv: int = 3
+    hidden_features: int = 128
+    n_hidden: int = 1
+    targets: tuple[str, ...] = ("formation_energy_per_atom",)
+    use_descriptors: bool = False
+    bn_momentum: float = 0.9
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Supervised training of a graph property model (``matjax.train``).
+
+    batch_size: crystals per step, over all devices (the padded budget fits this many
+    average crystals); learning_rate / weight_decay: AdamW; max_epochs; early_stopping:
+    epochs without a better validation MAE before stopping; plateau_patience /
+    plateau_factor / min_lr_scale: reduce-on-plateau of the learning rate on the
+    validation MAE; warmup_epochs: linear learning-rate warm-up; grad_clip: global-norm
+    clipping (None: off); ensemble_size: K models trained together (vmapped over their
+    PRNG keys); checkpoint_every: steps between "latest" checkpoints (and at every
+    epoch end); n_devices: data-parallel devices (None: all); seed.
+    """
+
+    batch_size: int = 256
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    max_epochs: int = 300
+    early_stopping: int = 50
+    plateau_patience: int = 10
+    plateau_factor: float = 0.5
+    min_lr_scale: float = 1e-3
+    warmup_epochs: int = 0
+    grad_clip: float | None = None
+    ensemble_size: int = 1
+    checkpoint_every: int = 500
+    n_devices: int | None = 1
     seed: int = 0
