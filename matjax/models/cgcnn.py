@@ -4,7 +4,7 @@ Per crystal graph (edge e carries a message from sender j to receiver i, see
 ``matjax.data.graphs``)::
 
     h_i^0     = embed(Z_i)                        (optionally [embed(Z_i), descriptors(Z_i)] -> dense)
-    z_ij      = W [h_i, h_j, rbf(d_ij)] + b       [n_edges, 2F]
+    z_ij      = W [h_i, h_j, rbf(d_ij)]           [n_edges, 2F]  (no bias: BN follows)
     m_ij      = sigmoid(BN(z_ij)_f) * softplus(BN(z_ij)_s)
     h_i^{t+1} = softplus(h_i^t + BN(sum_j m_ij))
     y         = MLP(softplus(mean_i h_i^T))       [n_graphs, n_targets]
@@ -13,8 +13,8 @@ The dense layer over the concatenation is computed as three matmuls,
 ``W [h_i, h_j, e] = (h W_r)[receivers] + (h W_s)[senders] + e W_e``: the node terms are
 projected once per node (N rows) and then gathered, instead of once per edge (12 N rows),
 which is where the reference implementation spends most of its time. In eval mode the
-edge BatchNorm is an affine map and is folded into W_r, W_s, W_e and b, so inference never
-materialises the un-normalised edge tensor.
+edge BatchNorm is an affine map and is folded into W_r, W_s, W_e and a bias, and edges are
+streamed through the gate in cache-sized blocks (``gated_message_sum``).
 
 BatchNorm statistics are computed over real nodes/edges only (padding is masked), and, with
 ``axis_name``, across all devices of a data-parallel step, so a padded or sharded batch
@@ -103,22 +103,26 @@ class CGCNNConv(nn.Module):
 
     __call__(h [N, F], edge_features [E, R], senders [E], receivers [E], node_mask [N],
     edge_mask [E]) -> [N, F]. Messages are summed over each receiver's incoming edges.
+    train: batch statistics (masked) instead of running averages; axis_name: mesh axis
+    the statistics are summed over; edge_block: edges per block in eval mode (see
+    ``gated_message_sum``).
     """
 
     train: bool = False
     axis_name: str | None = None
     momentum: float = 0.9
+    edge_block: int = 4096
 
     @nn.compact
     def __call__(self, h, edge_features, senders, receivers, node_mask, edge_mask):
         n_nodes, features = h.shape
         width = 2 * features
         init = _torch_linear_init(2 * features + edge_features.shape[-1])
-        # One dense layer over [h_i, h_j, e_ij], stored as its three row blocks.
+        # One dense layer over [h_i, h_j, e_ij], stored as its three row blocks. It has no
+        # bias: the BatchNorm right after it would cancel one (its gradient is rounding noise).
         w_r = self.param("w_receiver", init, (features, width))
         w_s = self.param("w_sender", init, (features, width))
         w_e = self.param("w_edge", init, (edge_features.shape[-1], width))
-        b = self.param("b", init, (width,))
         bn_gate, bn_core = (
             MaskedBatchNorm(not self.train, self.momentum, axis_name=self.axis_name, name=f"bn_{half}")
             for half in ("gate", "core")
@@ -126,8 +130,8 @@ class CGCNNConv(nn.Module):
         # Gate and core halves are kept apart end to end (weights are sliced, never the
         # [E, 2F] activations): the backward pass of an activation slice costs XLA:CPU
         # ten times the whole gate.
-        gate = (w_r[:, :features], w_s[:, :features], w_e[:, :features], b[:features])
-        core = (w_r[:, features:], w_s[:, features:], w_e[:, features:], b[features:])
+        gate = (w_r[:, :features], w_s[:, :features], w_e[:, :features])
+        core = (w_r[:, features:], w_s[:, features:], w_e[:, features:])
         if self.train:
             z_gate = _gathered_linear(h, edge_features, senders, receivers, *gate)
             z_core = _gathered_linear(h, edge_features, senders, receivers, *core)
@@ -136,20 +140,20 @@ class CGCNNConv(nn.Module):
         else:
             gate = _fold_affine(gate, *bn_gate.affine(None, None, features))
             core = _fold_affine(core, *bn_core.affine(None, None, features))
-            summed = gated_message_sum(h, edge_features, senders, receivers, gate, core)
+            summed = gated_message_sum(h, edge_features, senders, receivers, gate, core, self.edge_block)
         bn_node = MaskedBatchNorm(not self.train, self.momentum, axis_name=self.axis_name, name="bn_node")
         return softplus(h + bn_node(summed, node_mask))
 
 
-def _gathered_linear(h, edge_features, senders, receivers, w_r, w_s, w_e, b):
-    """[E, W] = [h[receivers], h[senders], edge_features] @ [w_r; w_s; w_e] + b, node terms projected per node."""
-    return (h @ w_r)[receivers] + (h @ w_s)[senders] + (edge_features @ w_e + b)
+def _gathered_linear(h, edge_features, senders, receivers, w_r, w_s, w_e):
+    """[E, W] = [h[receivers], h[senders], edge_features] @ [w_r; w_s; w_e], node terms projected per node."""
+    return (h @ w_r)[receivers] + (h @ w_s)[senders] + edge_features @ w_e
 
 
 def _fold_affine(weights, scale, shift):
-    """Weights of (linear map followed by x * scale + shift)."""
-    w_r, w_s, w_e, b = weights
-    return w_r * scale, w_s * scale, w_e * scale, b * scale + shift
+    """(w_r, w_s, w_e, b) of the linear map (w_r, w_s, w_e) followed by x * scale + shift."""
+    w_r, w_s, w_e = weights
+    return w_r * scale, w_s * scale, w_e * scale, shift
 
 
 def gated_message_sum(h, edge_features, senders, receivers, gate, core, block: int = 4096) -> jnp.ndarray:
@@ -160,7 +164,7 @@ def gated_message_sum(h, edge_features, senders, receivers, gate, core, block: i
     ``block``, so no [E, F] tensor is ever materialised: on a CPU the working set then
     stays in cache, which doubles inference throughput at batch 256.
     """
-    n_nodes, n_edges = h.shape[0], senders.shape[0]
+    n_edges = senders.shape[0]
     node_terms = [(h @ w_r, h @ w_s) for w_r, w_s, _, _ in (gate, core)]
 
     def messages(e, s, r):
@@ -241,6 +245,13 @@ def masked_mean_pool(h: jnp.ndarray, graph: jraph.GraphsTuple, node_mask: jnp.nd
 
 def create_model(config: CGCNNConfig, axis_name: str | None = None) -> CGCNN:
     """The CGCNN of ``config``; ``axis_name`` for data-parallel BatchNorm statistics."""
-    if config.n_conv < 1 or config.atom_features < 1 or not config.targets:
-        raise ValueError(f"invalid CGCNNConfig: {config}")
+    problems = [
+        f"{name} = {getattr(config, name)} must be >= 1"
+        for name in ("n_conv", "atom_features", "hidden_features")
+        if getattr(config, name) < 1
+    ]
+    if not config.targets:
+        problems.append("targets is empty")
+    if problems:
+        raise ValueError("invalid CGCNNConfig: " + "; ".join(problems))
     return CGCNN(config, axis_name)

@@ -108,7 +108,7 @@ def init_state(model, tx, plateau, keys: jnp.ndarray, example: jraph.GraphsTuple
         params = variables["params"]
         return TrainState(jnp.zeros((), jnp.int32), params, variables["batch_stats"], tx.init(params), plateau.init(params))
 
-    return jax.vmap(one)(keys)
+    return jax.jit(jax.vmap(one))(keys)
 
 
 def _member_step(model, tx, state: TrainState, batch: jraph.GraphsTuple):
@@ -133,15 +133,16 @@ def _member_step(model, tx, state: TrainState, batch: jraph.GraphsTuple):
     new = state.replace(
         step=state.step + 1, params=optax.apply_updates(state.params, updates), batch_stats=batch_stats, opt_state=opt_state
     )
-    finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+    finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
     new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
     return new, (abs_error, n_real, ~finite)
 
 
-def make_train_step(model, tx, mesh, max_traces: int | None = 1) -> Callable:
+def make_train_step(model, tx, mesh, max_traces: int | None = None) -> Callable:
     """jit(shard_map(vmap over members)): (state [K], sums, batch [D, ...]) -> (state, sums).
 
-    max_traces: fail if the step is traced more often (a changed shape would recompile).
+    max_traces: fail if the step is traced more often than this (a changed shape or
+    dtype would recompile it); chex counts traces per process, see chex.clear_trace_counter.
     """
 
     def local(carry, batch):
@@ -224,13 +225,14 @@ def fit(
     progress: bool = True,
     log_every: int = 20,
     hooks: Sequence[Callable[[int, int], None]] = (),
+    max_traces: int | None = None,
 ) -> FitResult:
     """Train ``train_config.ensemble_size`` CGCNNs on ``train``, early-stopped on ``val``.
 
     workdir: checkpoint directory (None: no checkpoints); an existing "latest" checkpoint
     there is resumed. budget: padded batch size per device (default: fits
     batch_size / n_devices average graphs of train + val). hooks: ``hook(epoch, step)``
-    after every step (e.g. to stop a run). Returns the variables of the epoch with the
+    after every step (e.g. to stop a run). max_traces: see ``make_train_step``. Returns the variables of the epoch with the
     lowest validation MAE (of the ensemble mean, standardised, averaged over targets).
     """
     cfg = train_config
@@ -274,7 +276,7 @@ def fit(
                 best_variables = best[0]
             log.info("resumed %s at epoch %d step %d", workdir, progress_record["epoch"], progress_record["step_in_epoch"])
 
-    train_step = make_train_step(model, tx, mesh)
+    train_step = make_train_step(model, tx, mesh, max_traces)
     predict_step = make_predict_step(model, mesh)
     update_plateau = jax.jit(
         jax.vmap(lambda s, v: plateau.update({}, s, value=v)[1]), out_shardings=replicated(mesh)
@@ -304,7 +306,7 @@ def fit(
                 if rec["global_step"] % log_every == 0:
                     _raise_if_nonfinite(sums, epoch, i, ckpt)
                     bar.set_postfix(_postfix(epoch, sums, scaler, rec["history"]), refresh=False)
-                if rec["global_step"] % cfg.checkpoint_every == 0:
+                if rec["global_step"] % cfg.checkpoint_every == 0 and i + 1 < len(plan):  # epoch ends save anyway
                     save_latest(epoch, i + 1)
 
             _raise_if_nonfinite(sums, epoch, len(plan), ckpt)
