@@ -84,11 +84,11 @@ class EnsemblePredictor:
         """(mean [G, T], std [G, T]) for one padded batch."""
         return ensemble_predict(self.model, self.variables, graphs, self.scaler)
 
-    def predict(
+    def predict_members(
         self, graphs: PackedGraphs, batch_size: int = 256, budget: Budget | None = None, n_devices: int | None = 1,
         progress: bool = False,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """(mean [M, T], std [M, T]) for every graph, in order.
+    ) -> np.ndarray:
+        """[K, M, T] every member's prediction for every graph, in order, physical units.
 
         Static batches (one budget, default fitting ``batch_size`` average graphs) are built
         on a host thread and sharded over ``n_devices`` devices (None: all).
@@ -97,8 +97,12 @@ class EnsemblePredictor:
 
         mesh = data_mesh(n_devices)
         budget = budget or budget_for(graphs, batch_size)
-        pred = predict_plan(make_predict_step(self.model, mesh), self.variables, DeviceBatcher(graphs, budget, mesh), len(graphs), progress)
-        pred = self.scaler.inverse(pred)
+        batcher = DeviceBatcher(graphs, budget, mesh)
+        return self.scaler.inverse(predict_plan(make_predict_step(self.model, mesh), self.variables, batcher, len(graphs), progress))
+
+    def predict(self, graphs: PackedGraphs, **kwargs) -> tuple[np.ndarray, np.ndarray]:
+        """(mean [M, T], std [M, T]) over the members; options as ``predict_members``."""
+        pred = self.predict_members(graphs, **kwargs)
         return pred.mean(axis=0), pred.std(axis=0)
 
 
