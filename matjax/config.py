@@ -78,7 +78,9 @@ class TrainConfig:
     validation MAE; warmup_epochs: linear learning-rate warm-up; grad_clip: global-norm
     clipping (None: off); ensemble_size: K models trained together (vmapped over their
     PRNG keys); checkpoint_every: steps between "latest" checkpoints (and at every
-    epoch end); n_devices: data-parallel devices (None: all); seed.
+    epoch end); n_devices: data-parallel devices (None: all); member_batching: how the
+    members share a step, "vmap", "map" (lax.map) or "auto" (map on CPU, see
+    ``matjax.train.ensemble.map_members``); seed.
     """
 
     batch_size: int = 256
@@ -94,4 +96,5 @@ class TrainConfig:
     ensemble_size: int = 1
     checkpoint_every: int = 500
     n_devices: int | None = 1
+    member_batching: str = "auto"
     seed: int = 0

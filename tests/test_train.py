@@ -174,3 +174,13 @@ def test_target_scaler_standardises_and_inverts():
     np.testing.assert_allclose(z.mean(0), 0.0, atol=1e-12)
     np.testing.assert_allclose(z[:, 0].std(), 1.0)
     np.testing.assert_allclose(scaler.inverse(z), y)
+
+
+def test_vmapped_and_mapped_members_train_identically(toy_splits):
+    runs = [
+        fit(MODEL, dataclasses.replace(TRAIN, max_epochs=1, member_batching=how), toy_splits["train"], toy_splits["val"], progress=False)
+        for how in ("vmap", "map")
+    ]
+    assert _max_difference(runs[0].variables, runs[1].variables) < 1e-5
+    with pytest.raises(ValueError, match="unknown member_batching 'loop'"):
+        fit(MODEL, dataclasses.replace(TRAIN, member_batching="loop"), toy_splits["train"], toy_splits["val"], progress=False)

@@ -80,15 +80,17 @@ class MaskedBatchNorm(nn.Module):
         return scale, beta - mean * scale
 
     def _masked_stats(self, x: jnp.ndarray, mask: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-        weight = mask.astype(x.dtype)[:, None]
+        # Masked sums as products with the 0/1 weight vector: XLA:CPU runs these as fast
+        # matrix-vector products, while a vmapped (ensemble) axis-0 reduce takes a slow path.
+        weight = mask.astype(x.dtype)
         count = jnp.sum(weight)
-        total = jnp.sum(weight * x, axis=0)
+        total = weight @ x
         if self.axis_name is not None:
             count, total = jax.lax.psum((count, total), self.axis_name)
         count = jnp.maximum(count, 1.0)
         mean = total / count
         # Two passes (mean, then centred squares): no cancellation in E[x^2] - E[x]^2.
-        square = jnp.sum(weight * jnp.square(x - mean), axis=0)
+        square = weight @ jnp.square(x - mean)
         if self.axis_name is not None:
             square = jax.lax.psum(square, self.axis_name)
         return mean, square / count

@@ -31,10 +31,29 @@ from matjax.train.losses import TargetScaler
 from matjax.train.sharding import DeviceBatcher, data_mesh
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def ensemble_apply(model, variables, graphs: jraph.GraphsTuple) -> jnp.ndarray:
+MEMBER_BATCHING = ("auto", "vmap", "map")
+
+
+def map_members(fn, members, how: str = "auto"):
+    """``fn`` applied to every member (the leading [K] axis of the pytree ``members``), stacked.
+
+    how: "vmap" vectorises over the members, one wide computation (the choice on GPU/TPU);
+    "map" runs them one after another inside the same compiled program (``lax.map``).
+    On CPU, XLA runs the reductions that a vmapped model's backward pass makes over edges
+    (BatchNorm gradients) on a slow path, 3-7x slower per member, so "auto" is "map" on
+    CPU and "vmap" elsewhere. Both give the same numbers (``tests/test_train.py``).
+    """
+    if how not in MEMBER_BATCHING:
+        raise ValueError(f"unknown member_batching {how!r}; choose from {MEMBER_BATCHING}")
+    if how == "auto":
+        how = "map" if jax.default_backend() == "cpu" else "vmap"
+    return jax.vmap(fn)(members) if how == "vmap" else jax.lax.map(fn, members)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def ensemble_apply(model, variables, graphs: jraph.GraphsTuple, how: str = "auto") -> jnp.ndarray:
     """[K, G, T] eval-mode outputs of every member (model units, i.e. standardised)."""
-    return jax.vmap(lambda v: model.apply(v, graphs, train=False))(variables)
+    return map_members(lambda v: model.apply(v, graphs, train=False), variables, how)
 
 
 def ensemble_predict(model, variables, graphs: jraph.GraphsTuple, scaler: TargetScaler) -> tuple[jnp.ndarray, jnp.ndarray]:

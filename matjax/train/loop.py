@@ -1,9 +1,10 @@
 """Training loop for graph property regression: one model or an ensemble, 1..D devices.
 
 The whole training state of K models (params, BatchNorm statistics, AdamW state,
-reduce-on-plateau state) is one pytree whose every leaf has a leading [K] axis; the
-train step is ``vmap``-ped over it, so an ensemble is trained in one program, each member
-from its own PRNG key, on the same batches. The step is ``shard_map``-ped over the
+reduce-on-plateau state) is one pytree whose every leaf has a leading [K] axis, made by
+``vmap``-ping the initialiser over K PRNG keys. The train step maps over that axis
+(``vmap``, or ``lax.map`` on CPU: see ``ensemble.map_members``), so an ensemble is trained
+in one compiled program, on the same batches. The step is ``shard_map``-ped over the
 devices of a 1-D mesh (``matjax.train.sharding``); one device is D = 1.
 
 Every batch has the same padded shape (one ``Budget`` per run), so the step compiles once
@@ -43,6 +44,7 @@ from matjax.data.dataset import Dataset
 from matjax.data.graphs import concat
 from matjax.models.cgcnn import create_model
 from matjax.train.checkpoint import Checkpointer, abstract_like, config_to_dict
+from matjax.train.ensemble import map_members
 from matjax.train.losses import TargetScaler, masked_abs_error
 from matjax.train.sharding import AXIS, DeviceBatcher, data_mesh, replicated, shard_step
 
@@ -138,18 +140,16 @@ def _member_step(model, tx, state: TrainState, batch: jraph.GraphsTuple):
     return new, (abs_error, n_real, ~finite)
 
 
-def make_train_step(model, tx, mesh, max_traces: int | None = None) -> Callable:
-    """jit(shard_map(vmap over members)): (state [K], sums, batch [D, ...]) -> (state, sums).
+def make_train_step(model, tx, mesh, max_traces: int | None = None, member_batching: str = "auto") -> Callable:
+    """jit(shard_map(map over members)): (state [K], sums, batch [D, ...]) -> (state, sums).
 
-    max_traces: fail if the step is traced more often than this (a changed shape or
+    member_batching: how the K members share the step (``ensemble.map_members``). max_traces: fail if the step is traced more often than this (a changed shape or
     dtype would recompile it); chex counts traces per process, see chex.clear_trace_counter.
     """
 
     def local(carry, batch):
         state, sums = carry
-        state, (abs_error, count, nonfinite) = jax.vmap(functools.partial(_member_step, model, tx), in_axes=(0, None))(
-            state, batch
-        )
+        state, (abs_error, count, nonfinite) = map_members(lambda s: _member_step(model, tx, s, batch), state, member_batching)
         sums = EpochSums(sums.abs_error + abs_error, sums.count + count, sums.nonfinite + nonfinite)
         return state, sums
 
@@ -159,11 +159,11 @@ def make_train_step(model, tx, mesh, max_traces: int | None = None) -> Callable:
     return jax.jit(lambda state, sums, batch: step((state, sums), batch), donate_argnums=(0, 1))
 
 
-def make_predict_step(model, mesh) -> Callable:
+def make_predict_step(model, mesh, member_batching: str = "auto") -> Callable:
     """jit(shard_map): (variables [K], batch [D, ...]) -> [D, K, G, T] standardised predictions."""
 
     def local(variables, batch):
-        return jax.vmap(lambda v: model.apply(v, batch, train=False))(variables)
+        return map_members(lambda v: model.apply(v, batch, train=False), variables, member_batching)
 
     return jax.jit(shard_step(local, mesh, out_stacked=True))
 
@@ -276,8 +276,8 @@ def fit(
                 best_variables = best[0]
             log.info("resumed %s at epoch %d step %d", workdir, progress_record["epoch"], progress_record["step_in_epoch"])
 
-    train_step = make_train_step(model, tx, mesh, max_traces)
-    predict_step = make_predict_step(model, mesh)
+    train_step = make_train_step(model, tx, mesh, max_traces, cfg.member_batching)
+    predict_step = make_predict_step(model, mesh, cfg.member_batching)
     update_plateau = jax.jit(
         jax.vmap(lambda s, v: plateau.update({}, s, value=v)[1]), out_shardings=replicated(mesh)
     )
