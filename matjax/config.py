@@ -80,7 +80,9 @@ class TrainConfig:
     PRNG keys); checkpoint_every: steps between "latest" checkpoints (and at every
     epoch end); n_devices: data-parallel devices (None: all); member_batching: how the
     members share a step, "vmap", "map" (lax.map) or "auto" (map on CPU, see
-    ``matjax.train.ensemble.map_members``); seed.
+    ``matjax.train.ensemble.map_members``); time_budget_s: stop after the first epoch
+    that ends past this much training time (summed over resumed sessions; None: no
+    limit); seed.
     """
 
     batch_size: int = 256
@@ -97,4 +99,5 @@ class TrainConfig:
     checkpoint_every: int = 500
     n_devices: int | None = 1
     member_batching: str = "auto"
+    time_budget_s: float | None = None
     seed: int = 0

@@ -23,3 +23,14 @@ def test_emt_dataset(tmp_path, cache_dir):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["n_crystals"] >= 7 and summary["neighbors_per_atom"] > 10
     assert (tmp_path / "formation_energy.png").stat().st_size > 1000
+
+
+def test_train_cgcnn(tmp_path, cache_dir):
+    run_experiment("train_cgcnn.py", tmp_path)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    fe = metrics["formation_energy_per_atom"]
+    assert metrics["epochs"] >= 10 and metrics["ensemble_size"] == 2
+    assert fe["test_mae"] < 0.7 * fe["mean_baseline_test_mae"]  # visibly better than predicting the mean
+    assert fe["uncertainty"]["mean_std"] > 0
+    assert (tmp_path / "parity.png").stat().st_size > 1000
+    assert (tmp_path / "ckpt" / "best").is_dir()

@@ -257,7 +257,9 @@ def fit(
     n_models, n_targets = cfg.ensemble_size, len(names)
     new_sums = lambda: jax.device_put(EpochSums.zeros(n_models, n_targets), replicated(mesh))  # noqa: E731
     sums = new_sums()
-    progress_record = {"epoch": 0, "step_in_epoch": 0, "history": [], "best_score": None, "best_epoch": -1, "global_step": 0}
+    progress_record = {
+        "epoch": 0, "step_in_epoch": 0, "history": [], "best_score": None, "best_epoch": -1, "global_step": 0, "train_s": 0.0,
+    }
     best_variables = jax.device_get(state.variables)
 
     configs = {
@@ -286,10 +288,12 @@ def fit(
     total = cfg.max_epochs * len(train_batcher.plan(order(0)))
     bar = tqdm(total=total, initial=rec["global_step"], desc="training", disable=not progress, dynamic_ncols=True)
 
+    session_start, session_base = time.perf_counter(), rec["train_s"]
+
     def save_latest(epoch: int, step_in_epoch: int) -> None:
         _raise_if_nonfinite(sums, epoch, step_in_epoch, ckpt)
         if ckpt is not None:
-            rec.update(epoch=epoch, step_in_epoch=step_in_epoch)
+            rec.update(epoch=epoch, step_in_epoch=step_in_epoch, train_s=session_base + time.perf_counter() - session_start)
             # Host copies: the next step donates the device buffers while orbax writes.
             ckpt.save("latest", rec["global_step"], jax.device_get({"state": state, "sums": sums}), copy.deepcopy(rec))
 
@@ -330,10 +334,14 @@ def fit(
                 if ckpt is not None:
                     ckpt.save("best", epoch, best_variables, {"epoch": epoch, "val_mae": entry["val_mae"]})
             sums = new_sums()
+            rec["train_s"] = session_base + time.perf_counter() - session_start
             save_latest(epoch + 1, 0)
             bar.set_postfix(_postfix(epoch, None, scaler, rec["history"]), refresh=True)
             if epoch - rec["best_epoch"] >= cfg.early_stopping:
                 stop_reason = "early_stopping"
+                break
+            if cfg.time_budget_s is not None and rec["train_s"] >= cfg.time_budget_s:
+                stop_reason = "time_budget"
                 break
     finally:
         bar.close()
