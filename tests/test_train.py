@@ -91,9 +91,10 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(toy_splits, tmp_path)
         fit(MODEL, config, toy_splits["train"], toy_splits["val"], tmp_path, progress=False, log_every=1)
 
 
-def test_checkpoint_from_another_model_config_is_refused(toy_splits, tmp_path):
-    config = dataclasses.replace(TRAIN, max_epochs=1, ensemble_size=1)
-    fit(MODEL, config, toy_splits["train"], toy_splits["val"], tmp_path, progress=False)
+def test_time_budget_and_a_checkpoint_from_another_model_config(toy_splits, tmp_path):
+    config = dataclasses.replace(TRAIN, max_epochs=3, ensemble_size=1, time_budget_s=0.0)
+    result = fit(MODEL, config, toy_splits["train"], toy_splits["val"], tmp_path, progress=False)
+    assert result.stop_reason == "time_budget" and len(result.history) == 1
     wider = dataclasses.replace(MODEL, atom_features=24)
     with pytest.raises(CheckpointMismatchError, match=r"model\.atom_features: 16 -> 24") as err:
         fit(wider, config, toy_splits["train"], toy_splits["val"], tmp_path, progress=False)

@@ -299,6 +299,9 @@ def fit(
 
     try:
         for epoch in range(rec["epoch"], cfg.max_epochs):
+            if reason := _stop_reason(cfg, rec):
+                stop_reason = reason
+                break
             plan = train_batcher.plan(order(epoch))
             first = rec["step_in_epoch"] if epoch == rec["epoch"] else 0
             for i, batch in enumerate(train_batcher.batches(plan[first:]), start=first):
@@ -337,12 +340,6 @@ def fit(
             rec["train_s"] = session_base + time.perf_counter() - session_start
             save_latest(epoch + 1, 0)
             bar.set_postfix(_postfix(epoch, None, scaler, rec["history"]), refresh=True)
-            if epoch - rec["best_epoch"] >= cfg.early_stopping:
-                stop_reason = "early_stopping"
-                break
-            if cfg.time_budget_s is not None and rec["train_s"] >= cfg.time_budget_s:
-                stop_reason = "time_budget"
-                break
     finally:
         bar.close()
         if ckpt is not None:
@@ -352,6 +349,17 @@ def fit(
         model=create_model(model_config), variables=best_variables, scaler=scaler, budget=budget,
         history=rec["history"], best_epoch=rec["best_epoch"], stop_reason=stop_reason, wall_s=time.perf_counter() - start,
     )
+
+
+def _stop_reason(cfg: TrainConfig, rec: dict) -> str | None:
+    """Why training stops before the next epoch (checked on resume too), or None."""
+    if not rec["history"]:
+        return None
+    if rec["history"][-1]["epoch"] - rec["best_epoch"] >= cfg.early_stopping:
+        return "early_stopping"
+    if cfg.time_budget_s is not None and rec["train_s"] >= cfg.time_budget_s:
+        return "time_budget"
+    return None
 
 
 def _raise_if_nonfinite(sums: EpochSums, epoch: int, step: int, ckpt: Checkpointer | None) -> None:
