@@ -43,6 +43,7 @@ class DiscoveryConfig:
     substitution_threshold: float = 1e-3
     allowed_elements: tuple[str, ...] | None = None
     hit_tolerance: float = 0.0
+    seed: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
