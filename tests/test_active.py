@@ -74,14 +74,14 @@ def finished(initial, tmp_path_factory):
 
 def test_rounds_grow_the_known_set_and_report(finished, cache_dir):
     summaries, run_dir, _ = finished
-    assert [s.round for s in summaries] == [0, 1]
+    assert [s.round for s in summaries] == [1, 2]
     for s in summaries:
         # Only candidates predicted to form (E_form < 0) may be selected.
         assert s.n_candidates > 0 and s.n_selected == min(4, s.n_predicted_negative) and s.n_random == 4
         assert 0 <= s.hit_rate <= 1 and 0 <= s.random_hit_rate <= 1
     known = [pd.read_csv(run_dir / f"known-{r}.csv") for r in range(3)]
     assert len(known[0]) < len(known[1]) < len(known[2])
-    oracle = pd.read_csv(run_dir / "round-0" / "oracle.csv")
+    oracle = pd.read_csv(run_dir / "round-1" / "oracle.csv")
     ok = oracle[oracle.error.isna()]
     # Hits are exactly the validated crystals on or below the round's known hull.
     hull = active.known_hull(load(known[0]))
@@ -96,13 +96,13 @@ def test_a_killed_run_resumes_without_redoing_finished_stages(finished, initial,
     _, done_dir, first_calls = finished
     run_dir = tmp_path / "run"
     shutil.copytree(done_dir, run_dir)
-    expected = pd.read_csv(run_dir / "round-1" / "oracle.csv")
-    # Killed in round 1 after screening: its picks and oracle results were never written.
-    for lost in ["round-1/oracle.csv", "round-1/picks.csv", "known-2.csv"]:
+    expected = pd.read_csv(run_dir / "round-2" / "oracle.csv")
+    # Killed in round 2 after screening: its picks and oracle results were never written.
+    for lost in ["round-2/oracle.csv", "round-2/picks.csv", "known-2.csv"]:
         (run_dir / lost).unlink()
     oracle = CountingOracle()
     active.run(initial, load, CompositionSurrogate(), oracle, CFG, run_dir)
-    redone = pd.read_csv(run_dir / "round-1" / "oracle.csv")
+    redone = pd.read_csv(run_dir / "round-2" / "oracle.csv")
     assert oracle.calls == len(redone.drop_duplicates("candidate")) < first_calls
     pd.testing.assert_frame_equal(redone[["id", "kind", "hit"]], expected[["id", "kind", "hit"]])
 

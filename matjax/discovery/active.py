@@ -1,6 +1,6 @@
 """Active-learning discovery: train -> generate -> screen -> select -> validate -> grow.
 
-Each round r works in ``<run_dir>/round-<r>/`` and saves every stage's output atomically::
+Round r = 1, 2, ... works in ``<run_dir>/round-<r>/`` and saves every stage's output atomically::
 
     model/        the surrogate's checkpoints (it resumes from them)
     pool.npz      substitution candidates into near-hull known crystals, de-duplicated
@@ -8,8 +8,8 @@ Each round r works in ``<run_dir>/round-<r>/`` and saves every stage's output at
     picks.csv     candidates chosen by the acquisition and at random (the baseline)
     oracle.csv    their validated formation energies, relaxed structures and hit flags
 
-``<run_dir>/known-<r>.csv`` is the labelled set a round starts from (CDVAE rows); the
-validated crystals of round r are appended to make ``known-<r+1>.csv``. A stage whose
+``<run_dir>/known-0.csv`` is the initial labelled set (CDVAE rows); round r starts from
+``known-<r-1>.csv`` and appends its validated crystals to make ``known-<r>.csv``. A stage whose
 file exists is not redone, so a killed run resumes in the stage it was in.
 
 A *hit* is a validated crystal whose formation energy lies on or below the convex hull of
@@ -257,11 +257,11 @@ def run(initial_rows: pd.DataFrame, load, surrogate: Surrogate, oracle: Oracle, 
     if not known_path.exists():
         _save_csv(known_path, initial_rows[["material_id", "cif", TARGET]])
     summaries, state = [], None
-    for r in range(cfg.rounds):
-        known_rows = pd.read_csv(run_dir / f"known-{r}.csv")
+    for r in range(1, cfg.rounds + 1):
+        known_rows = pd.read_csv(run_dir / f"known-{r - 1}.csv")
         summary, validated, state = run_round(r, known_rows, load, surrogate, oracle, cfg, run_dir, state)
-        if not (run_dir / f"known-{r + 1}.csv").exists():
-            _save_csv(run_dir / f"known-{r + 1}.csv", grow(known_rows, validated))
+        if not (run_dir / f"known-{r}.csv").exists():
+            _save_csv(run_dir / f"known-{r}.csv", grow(known_rows, validated))
         summaries.append(summary)
         log.info("round %d: %s", r, json.dumps(dataclasses.asdict(summary), default=float))
     return summaries

@@ -27,7 +27,7 @@ from matjax.discovery.active import RoundSummary
 
 
 def _validated(run_dir: Path, rounds: int) -> pd.DataFrame:
-    frames = [pd.read_csv(run_dir / f"round-{r}" / "oracle.csv").assign(round=r) for r in range(rounds)]
+    frames = [pd.read_csv(run_dir / f"round-{r}" / "oracle.csv").assign(round=r) for r in range(1, rounds + 1)]
     return pd.concat(frames, ignore_index=True)
 
 

@@ -226,14 +226,18 @@ def fit(
     log_every: int = 20,
     hooks: Sequence[Callable[[int, int], None]] = (),
     max_traces: int | None = None,
+    init_variables: dict | None = None,
 ) -> FitResult:
     """Train ``train_config.ensemble_size`` CGCNNs on ``train``, early-stopped on ``val``.
 
     workdir: checkpoint directory (None: no checkpoints); an existing "latest" checkpoint
     there is resumed. budget: padded batch size per device (default: fits
     batch_size / n_devices average graphs of train + val). hooks: ``hook(epoch, step)``
-    after every step (e.g. to stop a run). max_traces: see ``make_train_step``. Returns the variables of the epoch with the
-    lowest validation MAE (of the ensemble mean, standardised, averaged over targets).
+    after every step (e.g. to stop a run). max_traces: see ``make_train_step``.
+    init_variables: [K]-stacked variables of an earlier fit to start from (warm start, as
+    active learning retrains on a grown set); the optimiser state starts afresh. Returns
+    the variables of the epoch with the lowest validation MAE (of the ensemble mean,
+    standardised, averaged over targets).
     """
     cfg = train_config
     start = time.perf_counter()
@@ -253,7 +257,11 @@ def fit(
     plateau = create_plateau(cfg)
     keys = jax.random.split(jax.random.PRNGKey(cfg.seed), cfg.ensemble_size)
     example = jax.tree.map(jnp.asarray, train_batcher.sub_batch(np.arange(1)))
-    state = jax.device_put(init_state(model, tx, plateau, keys, example), replicated(mesh))
+    state = init_state(model, tx, plateau, keys, example)
+    if init_variables is not None:
+        chex.assert_trees_all_equal_shapes(init_variables, state.variables)
+        state = state.replace(params=init_variables["params"], batch_stats=init_variables["batch_stats"])
+    state = jax.device_put(state, replicated(mesh))
     n_models, n_targets = cfg.ensemble_size, len(names)
     new_sums = lambda: jax.device_put(EpochSums.zeros(n_models, n_targets), replicated(mesh))  # noqa: E731
     sums = new_sums()
