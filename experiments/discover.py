@@ -35,15 +35,19 @@ from matjax.discovery.surrogate import TARGET, CGCNNSurrogate
 CONFIGS = {
     "default": dict(
         emt_n=400,
-        model=CGCNNConfig(GraphConfig(6.0, 12, 31), atom_features=64, n_conv=3, hidden_features=64),
-        train=TrainConfig(batch_size=32, learning_rate=2e-3, max_epochs=120, early_stopping=30, plateau_patience=10,
+        model=CGCNNConfig(GraphConfig(6.0, 12, 31), atom_features=64, n_conv=3, hidden_features=64,
+                          use_descriptors=True),
+        train=TrainConfig(batch_size=32, learning_rate=2e-3, max_epochs=60, early_stopping=30, plateau_patience=10,
                           ensemble_size=5),
-        discovery=DiscoveryConfig(rounds=3, n_select=24, n_random=24, allowed_elements=ELEMENTS),
+        warm_start_epochs=20,
+        discovery=DiscoveryConfig(rounds=3, n_select=24, n_random=64, allowed_elements=ELEMENTS),
     ),
     "test": dict(
         emt_n=30,
-        model=CGCNNConfig(GraphConfig(6.0, 12, 21), atom_features=16, n_conv=2, hidden_features=16),
+        model=CGCNNConfig(GraphConfig(6.0, 12, 21), atom_features=16, n_conv=2, hidden_features=16,
+                          use_descriptors=True),
         train=TrainConfig(batch_size=16, learning_rate=3e-3, max_epochs=8, early_stopping=8, ensemble_size=2),
+        warm_start_epochs=4,
         discovery=DiscoveryConfig(rounds=2, n_select=4, n_random=4, parent_max_e_above_hull=0.05,
                                   allowed_elements=ELEMENTS),
     ),
@@ -62,7 +66,7 @@ def loader(model: CGCNNConfig):
 
 
 def run_emt(cfg: dict, args) -> dict:
-    surrogate = CGCNNSurrogate(cfg["model"], dataclasses.replace(cfg["train"], seed=args.seed))
+    surrogate = CGCNNSurrogate(cfg["model"], dataclasses.replace(cfg["train"], seed=args.seed), cfg["warm_start_epochs"])
     discovery = dataclasses.replace(cfg["discovery"], seed=args.seed, **({"rounds": args.rounds} if args.rounds else {}))
     start = time.perf_counter()
     initial = emt_alloy_rows(cfg["emt_n"], args.seed)
@@ -89,7 +93,7 @@ def run_held_out(cfg: dict, args) -> dict:
     surrogate = CGCNNSurrogate(cfg["model"], dataclasses.replace(cfg["train"], seed=args.seed))
     start = time.perf_counter()
     result = simulated_discovery(known, pool, stable, surrogate, args.out / "model", cfg["discovery"].n_select,
-                                 cfg["discovery"].kappa, args.seed)
+                                 cfg["discovery"].noise_floor, args.seed)
     result.update(stable_rule=rule, dataset=args.dataset or args.source, wall_s=round(time.perf_counter() - start, 1))
     (args.out / "summary.json").write_text(json.dumps(result, indent=2))
     return result

@@ -28,7 +28,8 @@ class DiscoveryConfig:
 
     rounds: train -> generate -> screen -> validate cycles; n_select: candidates chosen by
     the acquisition and validated per round; n_random: random candidates validated per
-    round as the enrichment baseline; kappa: optimism of the acquisition (std units);
+    round as the enrichment baseline; noise_floor: error (eV/atom) added in quadrature to
+    the ensemble std in the hit probability that ranks candidates;
     parent_max_e_above_hull: known crystals within this of the hull (eV/atom) are parents
     for substitution; substitution_threshold: minimum substitution probability;
     allowed_elements: chemical-space filter (None: any); hit_tolerance: a validated crystal
@@ -38,7 +39,7 @@ class DiscoveryConfig:
     rounds: int = 3
     n_select: int = 24
     n_random: int = 24
-    kappa: float = 1.0
+    noise_floor: float = 0.01
     parent_max_e_above_hull: float = 0.03
     substitution_threshold: float = 1e-3
     allowed_elements: tuple[str, ...] | None = None

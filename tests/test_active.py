@@ -124,3 +124,16 @@ def test_report_files_and_numbers(finished, tmp_path):
     assert summary["hit_rate_by_round"] == [s.hit_rate for s in summaries]
     found = pd.read_csv(run_dir / "discoveries.csv")
     assert len(found) == summary["n_new_stable"] and (found.validated_e_above_hull <= 0).all()
+
+
+def test_unrelaxed_structures_train_with_their_relaxed_energy(finished, cache_dir):
+    _, run_dir, _ = finished
+    known = pd.read_csv(run_dir / "known-2.csv")
+    assert known.cif_initial.notna().all()  # the EMT inputs and every validated proposal
+    data = load(active.training_rows(known))
+    assert len(data) == 2 * len(known)
+    energy = dict(zip(data.ids, data.target(active.TARGET)))
+    assert all(energy[i + active.INITIAL] == energy[i] for i in known.material_id)
+    train, val = active.train_val_split(data)
+    base = lambda ids: {i.removesuffix(active.INITIAL) for i in ids}  # noqa: E731
+    assert len(val) > 0 and not base(train.ids) & base(val.ids)

@@ -9,8 +9,10 @@ atom is relative to each element's relaxed fcc crystal, EMT's own ground state:
 
     E_form = (E_total - sum_i n_i mu_i) / N
 
-The rows are cached as a CDVAE-style CSV, so a second call only reads it. The same
-relaxation (``relax``) is the oracle of the discovery pipeline.
+The rows are cached as a CDVAE-style CSV, so a second call only reads it; ``cif_initial``
+keeps each crystal's unrelaxed input, so a model can also learn the relaxed energy from an
+unrelaxed structure, which is what screening asks of it. The same relaxation (``relax``)
+is the oracle of the discovery pipeline.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ PROTOTYPES = {
     "bcc": ((2, 1, 1), (2, 2, 1), (2, 2, 2)),
     "hcp": ((2, 1, 1), (2, 2, 1), (2, 2, 2)),
 }
-DATASET_VERSION = 1
+DATASET_VERSION = 2
 
 
 def emt_calculator():
@@ -116,6 +118,7 @@ def generate_alloys(n: int, seed: int = 0) -> pd.DataFrame:
         rows.append({
             "material_id": f"emt-{seed}-{i:05d}",
             "cif": str(CifWriter(structure)),
+            "cif_initial": str(CifWriter(AseAtomsAdaptor.get_structure(atoms))),
             "formation_energy_per_atom": result.formation_energy_per_atom,
             "energy_per_atom": result.energy_per_atom,
             "pretty_formula": structure.composition.reduced_formula,

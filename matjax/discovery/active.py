@@ -37,11 +37,12 @@ from matjax.data.graphs import PackedGraphs, graph_to_structure, take
 from matjax.data.splits import split_indices
 from matjax.discovery.fingerprint import first_occurrences, graph_fingerprints
 from matjax.discovery.hull import Hull
-from matjax.discovery.screening import acquisition, candidate_formulas, screen
+from matjax.discovery.screening import candidate_formulas, hit_probability, screen
 from matjax.discovery.substitution import Candidates, candidate_graphs, generate_candidates
 
 log = logging.getLogger("matjax")
 TARGET = "formation_energy_per_atom"
+INITIAL = "~initial"  # id suffix of a crystal's unrelaxed structure in the training set
 
 
 class Surrogate(Protocol):
@@ -113,10 +114,10 @@ def _pool(path: Path, known: Dataset, hull: Hull, cfg: DiscoveryConfig) -> tuple
 
 def choose(mean: np.ndarray, std: np.ndarray, e_hull_pred: np.ndarray, cfg: DiscoveryConfig,
            rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(selected, random) candidate indices: the n_select lowest acquisition values among
-    candidates predicted to form (E_form < 0), and n_random uniform picks of the pool."""
+    """(selected, random) candidate indices: the n_select most probable hits among candidates
+    predicted to form (E_form < 0), and n_random uniform picks of the pool."""
     eligible = np.flatnonzero(mean < 0)
-    order = eligible[np.argsort(acquisition(e_hull_pred[eligible], std[eligible], cfg.kappa), kind="stable")]
+    order = eligible[np.argsort(-hit_probability(e_hull_pred[eligible], std[eligible], cfg.noise_floor), kind="stable")]
     random = rng.choice(len(mean), size=min(cfg.n_random, len(mean)), replace=False)
     return order[: cfg.n_select], random
 
@@ -135,14 +136,16 @@ def validate(oracle: Oracle, parents: PackedGraphs, candidates: Candidates, pick
 
     unique = picks.drop_duplicates("candidate")
     graphs = candidate_graphs(parents, candidates, unique["candidate"].to_numpy())
-    results = oracle.evaluate(unique["id"].tolist(), [graph_to_structure(graphs.graph(i)) for i in range(len(graphs))])
+    proposals = [graph_to_structure(graphs.graph(i)) for i in range(len(graphs))]
+    results = oracle.evaluate(unique["id"].tolist(), proposals)
     formulas = graph_formulas(known.graphs)
     by_formula: dict[str, list] = {}
     for i, f in enumerate(formulas):
         by_formula.setdefault(f, []).append(known.structure(i))
     rows = []
-    for r in results:
+    for r, proposal in zip(results, proposals):
         row = {"id": r.id, "validated_e_form": r.formation_energy_per_atom, "error": r.error, "cif": None,
+               "cif_initial": str(CifWriter(proposal)),
                "validated_e_above_hull": np.nan, "rediscovery": False, "hit": False}
         if r.ok:
             formula = r.structure.composition.reduced_formula
@@ -197,10 +200,22 @@ def summarize(r: int, known: Dataset, n_parents: int, screened_mean: np.ndarray,
     )
 
 
-def _train_val(known: Dataset) -> tuple[Dataset, Dataset]:
-    """90/10 split by hashed id: the test bucket joins training, the loop is its own test."""
-    parts = split_indices(known.ids)
-    return known.subset(np.sort(np.concatenate([parts["train"], parts["test"]]))), known.subset(parts["val"])
+def training_rows(known_rows: pd.DataFrame) -> pd.DataFrame:
+    """Known rows plus, where ``cif_initial`` is given, the unrelaxed structure with the same
+    relaxed energy (id + INITIAL): screening predicts relaxed energies of unrelaxed
+    candidates, so the surrogate learns that map (as in OC20's IS2RE task)."""
+    if "cif_initial" not in known_rows:
+        return known_rows
+    initial = known_rows[known_rows.cif_initial.notna()]
+    initial = initial.assign(material_id=initial.material_id + INITIAL, cif=initial.cif_initial)
+    return pd.concat([known_rows, initial], ignore_index=True)
+
+
+def train_val_split(data: Dataset) -> tuple[Dataset, Dataset]:
+    """90/10 split by hashed base id (a crystal and its unrelaxed structure stay together);
+    the test bucket joins training, since the loop is its own test."""
+    parts = split_indices([i.removesuffix(INITIAL) for i in data.ids])
+    return data.subset(np.sort(np.concatenate([parts["train"], parts["test"]]))), data.subset(parts["val"])
 
 
 def run_round(r: int, known_rows: pd.DataFrame, load: Any, surrogate: Surrogate, oracle: Oracle,
@@ -210,7 +225,7 @@ def run_round(r: int, known_rows: pd.DataFrame, load: Any, surrogate: Surrogate,
     rdir.mkdir(parents=True, exist_ok=True)
     known = load(known_rows)
     hull = known_hull(known)
-    state = surrogate.fit(*_train_val(known), rdir / "model", warm_start)
+    state = surrogate.fit(*train_val_split(load(training_rows(known_rows))), rdir / "model", warm_start)
     parents, candidates = _pool(rdir / "pool.npz", known, hull, cfg)
     if not (rdir / "screen.npz").exists():
         screened = screen(lambda g: surrogate.predict(state, g), parents, candidates)
@@ -241,7 +256,7 @@ def grow(known_rows: pd.DataFrame, validated: pd.DataFrame) -> pd.DataFrame:
     """Known rows plus every successfully validated crystal (once each)."""
     new = validated[validated.error.isna()].drop_duplicates("candidate")
     return pd.concat([known_rows, pd.DataFrame({
-        "material_id": new.id, "cif": new.cif, TARGET: new.validated_e_form,
+        "material_id": new.id, "cif": new.cif, "cif_initial": new.cif_initial, TARGET: new.validated_e_form,
     })], ignore_index=True)
 
 
@@ -249,13 +264,15 @@ def run(initial_rows: pd.DataFrame, load, surrogate: Surrogate, oracle: Oracle, 
         run_dir: Path) -> list[RoundSummary]:
     """All rounds, resuming from whatever ``run_dir`` already holds.
 
-    initial_rows: CDVAE rows (material_id, cif, formation_energy_per_atom) known at the
-    start; load: rows -> Dataset with target formation_energy_per_atom (graphs cached).
+    initial_rows: CDVAE rows (material_id, cif, formation_energy_per_atom, optionally
+    cif_initial: the unrelaxed structure) known at the start; load: rows -> Dataset with
+    target formation_energy_per_atom (graphs cached).
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     known_path = run_dir / "known-0.csv"
     if not known_path.exists():
-        _save_csv(known_path, initial_rows[["material_id", "cif", TARGET]])
+        columns = ["material_id", "cif", *(["cif_initial"] if "cif_initial" in initial_rows else []), TARGET]
+        _save_csv(known_path, initial_rows[columns])
     summaries, state = [], None
     for r in range(1, cfg.rounds + 1):
         known_rows = pd.read_csv(run_dir / f"known-{r - 1}.csv")

@@ -4,8 +4,13 @@
 the parents' topology (``candidate_graphs``) and passed to ``predict``, any function
 ``PackedGraphs -> (mean [M, T], std [M, T])`` such as a CGCNN ensemble.
 
-Ranking (``acquisition``) is optimistic about uncertain candidates, as in a lower confidence
-bound: predicted energy above the known hull minus kappa ensemble standard deviations.
+Ranking (``hit_probability``) is the probability that a candidate lies on or below the
+known hull under a Gaussian predictive distribution: mean = predicted energy above the
+hull, variance = ensemble variance + noise_floor^2. The floor stands for the error an
+ensemble does not see in its own spread (members share data and architecture); without it
+a tiny spread would make a marginal candidate look certain. On a fully EMT-labelled pool
+of 2455 round-1 candidates this ranking put 58% hits in its top 24 against 33% for the
+mean or a lower confidence bound (prevalence 12%).
 """
 
 from __future__ import annotations
@@ -60,6 +65,8 @@ def candidate_formulas(candidates: Candidates, parents: PackedGraphs, indices) -
     return formulas
 
 
-def acquisition(e_above_hull: np.ndarray, std: np.ndarray, kappa: float = 1.0) -> np.ndarray:
-    """[C] lower confidence bound of the energy above the hull (lower = more promising)."""
-    return e_above_hull - kappa * std
+def hit_probability(e_above_hull: np.ndarray, std: np.ndarray, noise_floor: float = 0.01) -> np.ndarray:
+    """[C] P(true energy above the hull <= 0), Gaussian with variance std^2 + noise_floor^2."""
+    from scipy.special import ndtr
+
+    return ndtr(-e_above_hull / np.sqrt(std**2 + noise_floor**2))

@@ -1,8 +1,8 @@
 """Simulated discovery on held-out DFT data: does the ensemble find the stable crystals?
 
 The surrogate is trained on the known rows only; the hidden pool is ranked by the same
-acquisition as the active loop (predicted energy above the known hull minus kappa std,
-among crystals predicted to form); the oracle reveals the held-out labels of the top
+acquisition as the active loop (probability of lying on or below the known hull, among
+crystals predicted to form); the oracle reveals the held-out labels of the top
 ``n_select``. The discovery acceleration factor (DAF, as in Matbench Discovery) is
 
     DAF = (stable fraction among the selected) / (stable fraction of the whole pool),
@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 
 from matjax.data.dataset import Dataset
-from matjax.discovery.active import TARGET, Surrogate, _train_val, graph_formulas, known_hull
-from matjax.discovery.screening import acquisition
+from matjax.discovery.active import TARGET, Surrogate, train_val_split, graph_formulas, known_hull
+from matjax.discovery.screening import hit_probability
 
 HULL_COLUMNS = ("energy_above_hull", "e_above_hull")
 
@@ -34,13 +34,13 @@ def stable_labels(rows: pd.DataFrame, stable_tolerance: float = 1e-3) -> tuple[n
 
 
 def simulated_discovery(known: Dataset, pool: Dataset, stable: np.ndarray, surrogate: Surrogate, workdir,
-                        n_select: int, kappa: float = 1.0, seed: int = 0) -> dict:
+                        n_select: int, noise_floor: float = 0.01, seed: int = 0) -> dict:
     """Rank the hidden pool with a surrogate trained on ``known``; DAF of the top n_select."""
-    state = surrogate.fit(*_train_val(known), workdir, None)
+    state = surrogate.fit(*train_val_split(known), workdir, None)
     mean, std = surrogate.predict(state, pool.graphs)
     e_hull_pred = known_hull(known).e_above_hull(graph_formulas(pool.graphs), mean)
     eligible = np.flatnonzero(mean < 0)
-    ranked = eligible[np.argsort(acquisition(e_hull_pred[eligible], std[eligible], kappa), kind="stable")]
+    ranked = eligible[np.argsort(-hit_probability(e_hull_pred[eligible], std[eligible], noise_floor), kind="stable")]
     selected = ranked[:n_select]
     random = np.random.default_rng(seed).choice(len(pool), size=min(n_select, len(pool)), replace=False)
     prevalence = float(stable.mean())

@@ -1,7 +1,8 @@
 """The discovery loop's surrogate: a CGCNN ensemble predicting formation energy.
 
 ``fit`` trains K members in one program (``matjax.train.loop.fit``), warm-started from the
-previous round's ensemble when given; a finished fit leaves ``done.json`` in its workdir,
+previous round's ensemble when given (for ``warm_start_epochs``, fewer than a fresh fit
+needs); a finished fit leaves ``done.json`` in its workdir,
 so a resumed campaign loads the trained ensemble instead of training it again.
 """
 
@@ -26,6 +27,7 @@ TARGET = "formation_energy_per_atom"
 class CGCNNSurrogate:
     model_config: CGCNNConfig
     train_config: TrainConfig
+    warm_start_epochs: int | None = None  # epochs of a warm-started fit (None: as train_config)
     progress: bool = True
 
     def __post_init__(self):
@@ -36,7 +38,11 @@ class CGCNNSurrogate:
         done = Path(workdir) / "done.json"
         if done.exists():
             return load_predictor(workdir)
-        result = fit(self.model_config, self.train_config, train, val, workdir=workdir, progress=self.progress,
+        train_config = self.train_config
+        if warm_start is not None and self.warm_start_epochs is not None:
+            epochs = self.warm_start_epochs
+            train_config = dataclasses.replace(train_config, max_epochs=epochs, early_stopping=min(epochs, train_config.early_stopping))
+        result = fit(self.model_config, train_config, train, val, workdir=workdir, progress=self.progress,
                      init_variables=None if warm_start is None else warm_start.variables)
         best = result.history[result.best_epoch]
         done.write_text(json.dumps({"best_epoch": result.best_epoch, "val_mae": best["val_mae"],
