@@ -52,7 +52,7 @@ def campaign_summary(summaries: list[RoundSummary], validated: pd.DataFrame, wal
 def _plots(summaries: list[RoundSummary], validated: pd.DataFrame, run_dir: Path) -> None:
     rounds = [s.round for s in summaries]
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(rounds, [s.hit_rate for s in summaries], "o-", label="acquisition (LCB)")
+    ax.plot(rounds, [s.hit_rate for s in summaries], "o-", label="acquisition (hit probability)")
     ax.plot(rounds, [s.random_hit_rate for s in summaries], "s--", label="random picks")
     ax.set(xlabel="round", ylabel="hit rate (on/below known hull)", xticks=rounds, ylim=(0, 1.05))
     ax.legend()
