@@ -34,3 +34,15 @@ def test_train_cgcnn(tmp_path, cache_dir):
     assert fe["uncertainty"]["mean_std"] > 0
     assert (tmp_path / "parity.png").stat().st_size > 1000
     assert (tmp_path / "ckpt" / "best").is_dir()
+
+
+def test_discover(tmp_path, cache_dir):
+    run_experiment("discover.py", tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert len(summary["hit_rate_by_round"]) == 2 and summary["wall_s"] > 0
+    for name in ["report.md", "discoveries.csv", "rounds.csv", "hit_rates.png", "validation.png", "known-2.csv"]:
+        assert (tmp_path / name).exists(), name
+    # Resuming a finished campaign redoes nothing and reports the same numbers.
+    run_experiment("discover.py", tmp_path)
+    again = json.loads((tmp_path / "summary.json").read_text())
+    assert again["hit_rate_by_round"] == summary["hit_rate_by_round"]
