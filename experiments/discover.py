@@ -92,8 +92,9 @@ def run_held_out(cfg: dict, args) -> dict:
     stable, rule = stable_labels(pool_rows.set_index("material_id").loc[pool.ids].reset_index())
     surrogate = CGCNNSurrogate(cfg["model"], dataclasses.replace(cfg["train"], seed=args.seed))
     start = time.perf_counter()
-    result = simulated_discovery(known, pool, stable, surrogate, args.out / "model", cfg["discovery"].n_select,
-                                 cfg["discovery"].noise_floor, args.seed)
+    discovery = cfg["discovery"]
+    result = simulated_discovery(known, pool, stable, surrogate, args.out / "model", discovery.n_select,
+                                 discovery.noise_floor, discovery.max_per_formula, args.seed)
     result.update(stable_rule=rule, dataset=args.dataset or args.source, wall_s=round(time.perf_counter() - start, 1))
     (args.out / "summary.json").write_text(json.dumps(result, indent=2))
     return result

@@ -13,6 +13,8 @@ from matjax.data.sources import dataset_from_frame
 from matjax.discovery import active
 from matjax.discovery.oracles import emt_oracle
 from matjax.discovery.report import write_report
+from matjax.discovery.screening import rank_candidates
+from matjax.discovery.simulated import simulated_discovery, stable_labels
 
 
 class CompositionSurrogate:
@@ -137,3 +139,24 @@ def test_unrelaxed_structures_train_with_their_relaxed_energy(finished, cache_di
     train, val = active.train_val_split(data)
     base = lambda ids: {i.removesuffix(active.INITIAL) for i in ids}  # noqa: E731
     assert len(val) > 0 and not base(train.ids) & base(val.ids)
+
+
+def test_ranking_keeps_formers_and_caps_polymorphs():
+    mean = np.array([-0.10, -0.20, 0.10, -0.30, -0.05])
+    e_hull = np.array([-0.01, -0.03, -0.50, -0.02, 0.00])
+    formulas = ["CuPd", "CuPd", "AlNi", "CuPd", "AgAu"]
+    args = (mean, np.zeros(5), e_hull, formulas, 0.01)
+    assert rank_candidates(*args, None).tolist() == [1, 3, 0, 4]  # index 2 is predicted not to form
+    assert rank_candidates(*args, 2).tolist() == [1, 3, 4]
+    assert rank_candidates(*args, 1).tolist() == [1, 4]
+
+
+def test_simulated_discovery_reports_daf_against_held_out_labels(initial, tmp_path, cache_dir):
+    data = load(initial)
+    known, pool = data.subset(np.arange(0, len(data), 2)), data.subset(np.arange(1, len(data), 2))
+    stable, rule = stable_labels(initial.set_index("material_id").loc[pool.ids].reset_index())
+    assert "lowest decile" in rule and stable.any()
+    result = simulated_discovery(known, pool, stable, CompositionSurrogate(), tmp_path, n_select=5)
+    assert result["n_pool"] == len(pool) and result["n_known"] == len(known)
+    assert 0 < result["n_selected"] <= 5
+    assert result["daf"] == pytest.approx(result["precision"] / stable.mean())

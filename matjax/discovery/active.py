@@ -37,7 +37,7 @@ from matjax.data.graphs import PackedGraphs, graph_to_structure, take
 from matjax.data.splits import split_indices
 from matjax.discovery.fingerprint import first_occurrences, graph_fingerprints
 from matjax.discovery.hull import Hull
-from matjax.discovery.screening import candidate_formulas, hit_probability, screen
+from matjax.discovery.screening import candidate_formulas, rank_candidates, screen
 from matjax.discovery.substitution import Candidates, candidate_graphs, generate_candidates
 
 log = logging.getLogger("matjax")
@@ -112,12 +112,11 @@ def _pool(path: Path, known: Dataset, hull: Hull, cfg: DiscoveryConfig) -> tuple
     return parents, Candidates(**{f.name: saved[f"cand_{f.name}"] for f in dataclasses.fields(Candidates)})
 
 
-def choose(mean: np.ndarray, std: np.ndarray, e_hull_pred: np.ndarray, cfg: DiscoveryConfig,
+def choose(mean: np.ndarray, std: np.ndarray, e_hull_pred: np.ndarray, formulas: list[str], cfg: DiscoveryConfig,
            rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """(selected, random) candidate indices: the n_select most probable hits among candidates
-    predicted to form (E_form < 0), and n_random uniform picks of the pool."""
-    eligible = np.flatnonzero(mean < 0)
-    order = eligible[np.argsort(-hit_probability(e_hull_pred[eligible], std[eligible], cfg.noise_floor), kind="stable")]
+    predicted to form (``rank_candidates``), and n_random uniform picks of the pool."""
+    order = rank_candidates(mean, std, e_hull_pred, formulas, cfg.noise_floor, cfg.max_per_formula)
     random = rng.choice(len(mean), size=min(cfg.n_random, len(mean)), replace=False)
     return order[: cfg.n_select], random
 
@@ -235,7 +234,7 @@ def run_round(r: int, known_rows: pd.DataFrame, load: Any, surrogate: Surrogate,
     if not (rdir / "picks.csv").exists():
         formulas = candidate_formulas(candidates, parents, np.arange(len(candidates)))
         e_hull_pred = hull.e_above_hull(formulas, mean)
-        selected, random = choose(mean, std, e_hull_pred, cfg, np.random.default_rng([cfg.seed, r]))
+        selected, random = choose(mean, std, e_hull_pred, formulas, cfg, np.random.default_rng([cfg.seed, r]))
         picks = pd.concat([
             pd.DataFrame({"candidate": idx, "kind": kind}) for idx, kind in ((selected, "selected"), (random, "random"))
         ])

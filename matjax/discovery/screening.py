@@ -70,3 +70,21 @@ def hit_probability(e_above_hull: np.ndarray, std: np.ndarray, noise_floor: floa
     from scipy.special import ndtr
 
     return ndtr(-e_above_hull / np.sqrt(std**2 + noise_floor**2))
+
+
+def rank_candidates(mean: np.ndarray, std: np.ndarray, e_above_hull: np.ndarray, formulas, noise_floor: float,
+                    max_per_formula: int | None) -> np.ndarray:
+    """Candidate indices predicted to form (mean E_form < 0), most probable hit first, with at
+    most ``max_per_formula`` per reduced formula: polymorphs of one composition compete for a
+    single point on the hull, so a batch of them spends oracle calls on one discovery."""
+    eligible = np.flatnonzero(mean < 0)
+    order = eligible[np.argsort(-hit_probability(e_above_hull[eligible], std[eligible], noise_floor), kind="stable")]
+    if max_per_formula is None:
+        return order
+    taken: dict[str, int] = {}
+    keep = np.zeros(len(order), bool)
+    for k, i in enumerate(order):
+        taken[formulas[i]] = taken.get(formulas[i], 0) + 1
+        keep[k] = taken[formulas[i]] <= max_per_formula
+    return order[keep]
+

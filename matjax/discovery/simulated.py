@@ -2,7 +2,7 @@
 
 The surrogate is trained on the known rows only; the hidden pool is ranked by the same
 acquisition as the active loop (probability of lying on or below the known hull, among
-crystals predicted to form); the oracle reveals the held-out labels of the top
+crystals predicted to form, one per composition by default); the oracle reveals the held-out labels of the top
 ``n_select``. The discovery acceleration factor (DAF, as in Matbench Discovery) is
 
     DAF = (stable fraction among the selected) / (stable fraction of the whole pool),
@@ -19,7 +19,7 @@ import pandas as pd
 
 from matjax.data.dataset import Dataset
 from matjax.discovery.active import TARGET, Surrogate, train_val_split, graph_formulas, known_hull
-from matjax.discovery.screening import hit_probability
+from matjax.discovery.screening import rank_candidates
 
 HULL_COLUMNS = ("energy_above_hull", "e_above_hull")
 
@@ -34,13 +34,14 @@ def stable_labels(rows: pd.DataFrame, stable_tolerance: float = 1e-3) -> tuple[n
 
 
 def simulated_discovery(known: Dataset, pool: Dataset, stable: np.ndarray, surrogate: Surrogate, workdir,
-                        n_select: int, noise_floor: float = 0.01, seed: int = 0) -> dict:
+                        n_select: int, noise_floor: float = 0.01, max_per_formula: int | None = 1,
+                        seed: int = 0) -> dict:
     """Rank the hidden pool with a surrogate trained on ``known``; DAF of the top n_select."""
     state = surrogate.fit(*train_val_split(known), workdir, None)
     mean, std = surrogate.predict(state, pool.graphs)
-    e_hull_pred = known_hull(known).e_above_hull(graph_formulas(pool.graphs), mean)
-    eligible = np.flatnonzero(mean < 0)
-    ranked = eligible[np.argsort(-hit_probability(e_hull_pred[eligible], std[eligible], noise_floor), kind="stable")]
+    formulas = graph_formulas(pool.graphs)
+    e_hull_pred = known_hull(known).e_above_hull(formulas, mean)
+    ranked = rank_candidates(mean, std, e_hull_pred, formulas, noise_floor, max_per_formula)
     selected = ranked[:n_select]
     random = np.random.default_rng(seed).choice(len(pool), size=min(n_select, len(pool)), replace=False)
     prevalence = float(stable.mean())
