@@ -2,7 +2,7 @@
 -> hull -> oracle -> active learning -> report.
 
     python experiments/discover.py [--config default|test] [--out runs/discover]
-    python experiments/discover.py --source csv --csv KNOWN.csv ... --pool HIDDEN.csv ...
+    python experiments/discover.py --source csv --config dft --csv KNOWN.csv ... --pool HIDDEN.csv ...
     python experiments/discover.py --source mp --mp-elements Li O   (needs MP_API_KEY)
 
 emt (default, offline): substitution candidates into the built-in EMT alloys, validated
@@ -51,11 +51,11 @@ CONFIGS = {
         discovery=DiscoveryConfig(rounds=2, n_select=4, n_random=4, parent_max_e_above_hull=0.05,
                                   allowed_elements=ELEMENTS),
     ),
-    "mp20lite": dict(
+    "dft": dict(  # held-out DFT data (--source csv / mp); training stops after 30 minutes
         model=CGCNNConfig(targets=(TARGET,)),
         train=TrainConfig(batch_size=64, learning_rate=1e-3, max_epochs=150, early_stopping=40, plateau_patience=15,
-                          warmup_epochs=2, ensemble_size=3, checkpoint_every=2000),
-        discovery=DiscoveryConfig(n_select=500),
+                          warmup_epochs=2, ensemble_size=3, checkpoint_every=2000, time_budget_s=1800),
+        discovery=DiscoveryConfig(n_select=500, max_per_formula=1),
     ),
 }
 

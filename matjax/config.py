@@ -44,7 +44,7 @@ class DiscoveryConfig:
     parent_max_e_above_hull: float = 0.03
     substitution_threshold: float = 1e-3
     allowed_elements: tuple[str, ...] | None = None
-    max_per_formula: int | None = 1
+    max_per_formula: int | None = None
     hit_tolerance: float = 0.0
     seed: int = 0
 
