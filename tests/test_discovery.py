@@ -38,6 +38,8 @@ def test_metallic_substitutions_are_scored_distinct_and_filtered():
     assert frozenset({"Ag", "Au"}) in top or frozenset({"Cu", "Ag"}) in top
     stricter = generate_candidates(parents, allowed_elements=ELEMENTS, threshold=1e-2)
     assert 0 < len(stricter) < len(cands)
+    with pytest.raises(ValueError, match="unknown element.*Xx"):
+        generate_candidates(parents, allowed_elements=["Cu", "Xx"])
 
 
 def test_ionic_substitutions_are_charge_balanced():

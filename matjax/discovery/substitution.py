@@ -171,6 +171,9 @@ def generate_candidates(
     """
     from pymatgen.core import Composition
 
+    unknown = sorted(set(allowed_elements or ()) - set(symbols()[1:]))
+    if unknown:
+        raise ValueError(f"unknown element(s) in allowed_elements: {', '.join(unknown)}")
     allowed = np.zeros(len(symbols()), dtype=bool)
     allowed[[symbols().index(e) for e in allowed_elements] if allowed_elements else slice(1, None)] = True
     parts = []
