@@ -105,3 +105,62 @@ class TrainConfig:
     member_batching: str = "auto"
     time_budget_s: float | None = None
     seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class PhaseCNNConfig:
+    """Ordered/disordered classifier of Ising configurations (matjax.models.phase_cnn).
+
+    conv_layers circular 3x3 convolutions of ``channels`` channels; hidden: units of the dense
+    layer after the global mean pool. Trained with optax AdamW (learning_rate, weight_decay)
+    for ``epochs`` passes over the data in minibatches of ``batch_size``.
+    """
+
+    architecture: str = "cnn"
+    channels: int = 16
+    hidden: int = 32
+    conv_layers: int = 1
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 100
+    epochs: int = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class IsingConfig:
+    """2D Ising phase-transition study (experiments/ising_phase.py); k_B = 1, energies in J.
+
+    Sampler: ``algorithm`` ("metropolis", "multispin", "swendsen_wang") with coupling J, field h.
+    Seed dataset (per lattice size): n_temperatures evenly in [t_min, t_max], n_configs per
+    temperature from n_chains chains; burn-in = burn_in_factor * tau and thinning =
+    thin_factor * tau sweeps, tau measured in a pilot of pilot_sweeps sweeps.
+    Finite-size scaling over ``sizes``: n_fine temperatures in [fine_t_min, fine_t_max] with
+    fine_configs snapshots each (CNN and PCA curves); Binder cumulants from binder_chains x
+    binder_samples sweeps at the fine temperatures inside binder_window.
+    CNN: ``cnn`` trained with n_seeds seeds on labels T < T_c, once on all temperatures and once
+    only on T < far_window[0] or T > far_window[1].
+    """
+
+    J: float = 1.0
+    h: float = 0.0
+    algorithm: str = "swendsen_wang"
+    t_min: float = 1.0
+    t_max: float = 4.0
+    n_temperatures: int = 30
+    n_configs: int = 200
+    n_chains: int = 10
+    pilot_sweeps: int = 250
+    burn_in_factor: float = 20.0
+    thin_factor: float = 2.0
+    sizes: tuple[int, ...] = (8, 16, 32, 64)
+    fine_t_min: float = 2.1
+    fine_t_max: float = 2.6
+    n_fine: int = 30
+    fine_configs: int = 100
+    binder_window: tuple[float, float] = (2.19, 2.35)
+    binder_chains: int = 32
+    binder_samples: int = 1500
+    cnn: PhaseCNNConfig = PhaseCNNConfig()
+    n_seeds: int = 4
+    far_window: tuple[float, float] = (1.6, 3.2)
+    seed: int = 0
