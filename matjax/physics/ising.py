@@ -55,7 +55,7 @@ T_C = 2.0 / math.log(1.0 + math.sqrt(2.0))  # Onsager: sinh(2 J / T_c) = 1, in u
 
 _ROTATIONS = (13, 15, 26, 6, 17, 29, 16, 24)
 _ALWAYS = np.uint32(0xFFFFFFFF)  # threshold marking moves with dE < 0 (accepted with certainty)
-_CALLS_PER_STEP = 16
+_CALLS_PER_STEP = 4  # Threefry calls unrolled per loop step of the bitwise test (compile time vs speed)
 _HALF = np.uint32(1 << 31)  # threshold of dE = 0 moves: accepted with probability exactly 1/2
 
 
@@ -559,27 +559,24 @@ def create_sampler(algorithm: str, L: int, J: float = 1.0, h: float = 0.0) -> tu
     return factories[algorithm](L, J, h)
 
 
-def run(sweep_fn: Callable, state, n_samples: int, thin: int = 1, observe: Callable = measure):
-    """n_samples samples, ``thin`` sweeps apart (lax.scan over samples, fori over sweeps).
+def run(sweep_fn: Callable, state, n_samples: int, thin: int = 1, observe: Callable = measure, burn_in: int = 0):
+    """Discard ``burn_in`` sweeps, then take n_samples samples ``thin`` sweeps apart.
 
-    Returns (final state, observe(state) stacked on a leading [n_samples] axis). ``thin`` is
-    traced, so changing it does not recompile.
+    lax.scan over samples, a fori loop over the sweeps in between. Returns (final state,
+    observe(state) stacked on a leading [n_samples] axis). ``thin`` and ``burn_in`` are traced
+    (the burn-in rides on the first scan step), so changing them never recompiles, and the
+    sweep is compiled once per call signature.
     """
-    return _run(sweep_fn, state, n_samples, thin, observe)
+    return _run(sweep_fn, state, n_samples, thin, observe, burn_in)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2, 4))
-def _run(sweep_fn, state, n_samples, thin, observe):
-    def step(state, _):
-        state = sweep_fn(state, thin)
+def _run(sweep_fn, state, n_samples, thin, observe, burn_in):
+    def step(state, i):
+        state = sweep_fn(state, thin + jnp.where(i == 0, burn_in, 0))
         return state, observe(state)
 
-    return jax.lax.scan(step, state, None, length=n_samples)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _sweeps(sweep_fn, state, n_sweeps):
-    return sweep_fn(state, n_sweeps)
+    return jax.lax.scan(step, state, jnp.arange(n_samples))
 
 
 def sample_series(
@@ -600,11 +597,13 @@ def sample_series(
     """
     init_fn, sweep_fn = sampler
     state = init_chains(init_fn, key, np.asarray(temperatures, np.float32), n_chains, spins)
-    if burn_in:
-        state = _sweeps(sweep_fn, state, burn_in)
-    _, obs = run(sweep_fn, state, n_samples, thin)
+    _, obs = run(sweep_fn, state, n_samples, thin, burn_in=burn_in)
     n_t = state.beta.shape[0]
     return {k: np.moveaxis(np.asarray(v), 0, -1).reshape(n_t, -1, n_samples) for k, v in obs.items()}
+
+
+def _lattice(state) -> jax.Array:
+    return state.lattice()
 
 
 def equilibrium_configurations(
@@ -644,8 +643,7 @@ def equilibrium_configurations(
     if tau > pilot_sweeps / 25:
         raise ValueError(f"tau_int = {tau:.1f} sweeps is too long for a {pilot_sweeps}-sweep pilot; lengthen it")
     burn_in, thin = math.ceil(burn_in_factor * tau), math.ceil(thin_factor * tau)
-    state = _sweeps(sweep_fn, state, burn_in)
-    _, configs = run(sweep_fn, state, n_configs // n_chains, thin, observe=lambda s: s.lattice())
+    _, configs = run(sweep_fn, state, n_configs // n_chains, thin, observe=_lattice, burn_in=burn_in)
     configs = np.asarray(configs)  # [samples, n_T, chains, (32,) L, L]
     L = configs.shape[-1]
     configs = np.moveaxis(configs, 0, 2).reshape(len(temperatures), -1, L, L)

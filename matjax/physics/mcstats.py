@@ -64,7 +64,8 @@ def block_means(x, block: int) -> np.ndarray:
 def jackknife(fn: Callable[..., float], *blocks: np.ndarray) -> tuple[float, float]:
     """Estimate and jackknife error of fn(mean of blocks[0], mean of blocks[1], ...).
 
-    Each blocks[k] is [K] block means of one primary quantity (K >= 2, same K for all).
+    Each blocks[k] is [K] block means of one primary quantity (K >= 2, same K for all); fn
+    must work elementwise on arrays (it is evaluated on all K leave-one-out means at once).
     """
     blocks = [np.asarray(b, np.float64) for b in blocks]
     K = len(blocks[0])
@@ -72,7 +73,7 @@ def jackknife(fn: Callable[..., float], *blocks: np.ndarray) -> tuple[float, flo
         raise ValueError("the jackknife needs at least two blocks")
     total = [b.sum() for b in blocks]
     full = fn(*(t / K for t in total))
-    leave_one = np.array([fn(*((t - b[k]) / (K - 1) for t, b in zip(total, blocks))) for k in range(K)])
+    leave_one = np.asarray(fn(*((t - b) / (K - 1) for t, b in zip(total, blocks))))
     err = math.sqrt((K - 1) / K * np.sum((leave_one - leave_one.mean()) ** 2))
     return float(full), float(err)
 
