@@ -82,6 +82,20 @@ def study_size(cfg: IsingConfig, L: int, key) -> dict:
             "cnn_far": cnn_crossings(cfg, train_x, train_t, fine_x, fine_t, keys[4], far=True)}
 
 
+def decorrelation(sizes, sweeps: int, key) -> list[dict]:
+    """tau_int of |m| and e at T_c: Metropolis (multispin, 64 replicas, ``sweeps`` sweeps each)
+    against Swendsen-Wang (16 chains, sweeps / 10 each: its tau is short)."""
+    rows = []
+    for L in sizes:
+        for algorithm, chains, n in (("multispin", 2, sweeps), ("swendsen_wang", 16, sweeps // 10)):
+            start = time.perf_counter()
+            s = ising.sample_series(ising.create_sampler(algorithm, L), key, [ising.T_C], chains, n, 1, 1000)
+            th = mcstats.thermodynamics(s["e"][0], s["m"][0], ising.T_C, L * L)
+            rows.append({"L": L, "algorithm": algorithm, "tau_abs_m": th["tau_abs_m"], "tau_e": th["tau_e"],
+                         "series_per_chain": n, "wall_s": time.perf_counter() - start})
+    return rows
+
+
 def finite_size_scaling(studies: list[dict]) -> dict:
     """Binder crossings of (L, 2L) extrapolated as L^-3; CNN and PCA T*(L) as L^-1 (nu = 1)."""
     by_L = {s["L"]: s for s in studies}
@@ -112,13 +126,14 @@ def main():
     keys = jax.random.split(jax.random.key(cfg.seed), len(cfg.sizes))
     studies = [study_size(cfg, L, k) for L, k in zip(tqdm(cfg.sizes, desc="lattice sizes"), keys)]
     fss = finite_size_scaling(studies)
+    taus = decorrelation([L for L in cfg.sizes if L <= 32], 500 if args.config == "test" else 30000, keys[0])
     seed_L = 32 if 32 in cfg.sizes else cfg.sizes[-1]
     summary = {
         "tc_binder": fss["binder"]["tc"], "tc_binder_err": fss["binder"]["tc_err"],
         "tc_cnn": fss["cnn"]["tc"], "tc_cnn_err": fss["cnn"]["tc_err"], "tc_pca": fss["pca"]["tc"],
         "dataset_generation_s": next(s["dataset"]["generation_s"] for s in studies if s["L"] == seed_L),
     }
-    report = {"config": dataclasses.asdict(cfg), "summary": summary, "fss": fss, "studies": studies,
+    report = {"config": dataclasses.asdict(cfg), "summary": summary, "fss": fss, "decorrelation": taus, "studies": studies,
               "tc_exact": ising.T_C, "wall_s": time.perf_counter() - start}
     with open(os.path.join(args.out, "estimates.json"), "w") as f:
         json.dump(report, f, indent=1, default=float)

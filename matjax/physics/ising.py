@@ -22,8 +22,8 @@ fresh subkey once (with distinct counters for every site and every draw inside t
 key is ever reused. The per-site numbers are Threefry-2x32-20 (the hash behind ``jax.random``,
 bit-identical to ``jax.extend.random.threefry_2x32``) written with jnp integer ops so that XLA fuses
 the hash into the update instead of materialising random arrays. Acceptance compares a uint32
-draw with floor(p 2^32), so acceptance probabilities are exact to 2^-32 and no exp() is taken per
-site. Moves with dE = 0 are accepted with probability 1/2, not 1 (see _acceptance_threshold: it
+draw with floor(p 2^32), p = exp(-beta dE) in float32 for the few possible dE (so no exp() per
+site and no float rounding of the draw). Moves with dE = 0 are accepted with probability 1/2, not 1 (see _acceptance_threshold: it
 removes a deterministic 2-cycle that traps sublattice-sweep Metropolis chains).
 
 Samplers
@@ -32,8 +32,8 @@ Samplers
   * :func:`multispin_metropolis`: the same dynamics for 32 replicas bit-packed into one uint32
     per site (multispin coding): neighbour comparisons and the Metropolis test are bitwise over
     32 replicas at once.
-  * :func:`swendsen_wang`: the Swendsen-Wang cluster update (connected components by min-label
-    propagation with pointer jumping), which removes critical slowing down near T_c.
+  * :func:`swendsen_wang`: the Swendsen-Wang cluster update (connected components by hooking and
+    pointer jumping), which removes critical slowing down near T_c.
 
 Lattice layout inside a sweep: the L x L lattice is split into four (L/2 x L/2) sublattices by
 (row parity, column parity): A = s[0::2, 0::2], B = s[0::2, 1::2], C = s[1::2, 0::2],
