@@ -17,7 +17,6 @@ _CORES = os.cpu_count() or 1
 os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={_CORES}")
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
@@ -25,6 +24,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
+from common import emit, median_seconds  # noqa: E402
 from matjax.physics import ising  # noqa: E402
 
 
@@ -47,12 +47,8 @@ def seed_metropolis(config: np.ndarray, beta: float, n_attempts: int) -> np.ndar
 
 def time_baseline(L: int, n_attempts: int, repeats: int) -> dict:
     config = np.where(np.random.default_rng(0).random((L, L)) < 0.5, 1, -1)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        seed_metropolis(config, 1 / ising.T_C, n_attempts)
-        times.append(time.perf_counter() - start)
-    return {"median_s": float(np.median(times)), "min_s": float(np.min(times)), "flips": n_attempts}
+    median, best = median_seconds(lambda: seed_metropolis(config, 1 / ising.T_C, n_attempts), repeats)
+    return {"median_s": median, "min_s": best, "flips": n_attempts}
 
 
 def time_sampler(algorithm: str, L: int, chains: int, sweeps: int, repeats: int) -> dict:
@@ -64,16 +60,12 @@ def time_sampler(algorithm: str, L: int, chains: int, sweeps: int, repeats: int)
     state = jax.device_put(state, shard)
     step = jax.jit(lambda s: sweep_fn(s, sweeps), in_shardings=(shard,), out_shardings=shard)
     start = time.perf_counter()
-    state = jax.block_until_ready(step(state))
+    compiled = step.lower(state).compile()
     compile_s = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        state = jax.block_until_ready(step(state))
-        times.append(time.perf_counter() - start)
+    state = jax.block_until_ready(compiled(state))  # warm-up
+    median, best = median_seconds(lambda: jax.block_until_ready(compiled(state)), repeats)
     replicas = 32 if algorithm == "multispin" else 1
-    return {"median_s": float(np.median(times)), "min_s": float(np.min(times)), "compile_s": compile_s,
-            "flips": L * L * chains * replicas * sweeps, "chains": chains * replicas}
+    return {"median_s": median, "min_s": best, "compile_s": compile_s, "flips": L * L * chains * replicas * sweeps, "chains": chains * replicas}
 
 
 def main():
@@ -82,22 +74,19 @@ def main():
     args = parser.parse_args()
     repeats = 3 if args.quick else 7
     n_dev = len(jax.devices())
-    device = f"{jax.devices()[0].platform} x{n_dev} ({_CORES} cores)"
     # total spins per sweep ~4M (plain) / ~8-32M (multispin) per size: many chains on small lattices
     cases = {32: (4096, 128), 128: (256, 16), 1024: (4, 2)}
     rows = []
     for L, (chains, packed) in cases.items():
         base = time_baseline(L, 20_000 if args.quick else 100_000, repeats)
         base_rate = base["flips"] / base["median_s"] / 1e9
-        print(json.dumps({"benchmark": "ising", "metric": "flips_per_ns", "value": base_rate, "unit": "flips/ns", "device": "cpu (1 core, python)",
-                          "baseline": None, "ratio": None, "impl": "numpy_seed_loop", "L": L, **base}), flush=True)
+        emit("ising", "flips_per_ns", base_rate, "flips/ns", impl="numpy_seed_loop", L=L, **base)
         for impl, algorithm, n in (("checkerboard", "metropolis", chains), ("multispin", "multispin", packed)):
             n = max(n, n_dev) // n_dev * n_dev
             res = time_sampler(algorithm, L, n, 10 if L < 1024 else 4, repeats)
             rate = res["flips"] / res["median_s"] / 1e9
             rows.append((impl, L, res["chains"], rate, rate / base_rate, res["compile_s"]))
-            print(json.dumps({"benchmark": "ising", "metric": "flips_per_ns", "value": rate, "unit": "flips/ns", "device": device,
-                              "baseline": base_rate, "ratio": rate / base_rate, "impl": impl, "L": L, **res}), flush=True)
+            emit("ising", "flips_per_ns", rate, "flips/ns", base_rate, impl=impl, L=L, xla_devices=n_dev, **res)
     print(f"{'impl':>13} {'L':>5} {'chains':>7} {'flips/ns':>9} {'x baseline':>11} {'compile s':>10}", file=sys.stderr)
     for impl, L, c, rate, ratio, comp in rows:
         print(f"{impl:>13} {L:>5} {c:>7} {rate:>9.3f} {ratio:>11.0f} {comp:>10.1f}", file=sys.stderr)

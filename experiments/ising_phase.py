@@ -138,9 +138,9 @@ def main():
     with open(os.path.join(args.out, "estimates.json"), "w") as f:
         json.dump(report, f, indent=1, default=float)
     plot_study(report, args.out)
-    if args.results:
+    if args.results:  # strict JSON: an estimate that could not be made is null
         with open(args.results, "w") as f:
-            json.dump(summary, f, indent=1)
+            json.dump({k: v if np.isfinite(v) else None for k, v in summary.items()}, f, indent=1)
     print(json.dumps(summary, indent=1))
 
 

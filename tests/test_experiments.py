@@ -46,3 +46,12 @@ def test_discover(tmp_path, cache_dir):
     run_experiment("discover.py", tmp_path)
     again = json.loads((tmp_path / "summary.json").read_text())
     assert again["hit_rate_by_round"] == summary["hit_rate_by_round"]
+
+
+def test_ising_phase(tmp_path):
+    run_experiment("ising_phase.py", tmp_path, "--results", str(tmp_path / "ising_tc.json"))
+    summary = json.loads((tmp_path / "ising_tc.json").read_text())
+    assert set(summary) == {"tc_binder", "tc_binder_err", "tc_cnn", "tc_cnn_err", "tc_pca", "dataset_generation_s"}
+    assert abs(summary["tc_binder"] - 2.269185) < 0.15  # crossing of U4 for L = 4 and 8 only
+    for name in ("p_ordered", "binder", "pca_pc1", "pca_scatter"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 1000
