@@ -106,11 +106,17 @@ def finite_size_scaling(studies: list[dict]) -> dict:
         cross.append(critical.crossing(by_L[a]["binder_t"], u[0], u[1], u[2], u[3], points=8))
     sizes = sorted(by_L)
     out = {"binder_pairs": pairs, "binder_crossings": cross}
-    out["binder"] = critical.extrapolate([a for a, _ in pairs], *np.array(cross).T, exponent=3.0)
-    out["binder_w2"] = critical.extrapolate([a for a, _ in pairs], *np.array(cross).T, exponent=2.0)
-    for name, field in (("cnn", ("cnn", "tc", "tc_err")), ("cnn_far", ("cnn_far", "tc", "tc_err")), ("pca", ("pca", "t_peak", "t_peak_err"))):
-        vals = np.array([[by_L[L][field[0]][field[1]], by_L[L][field[0]][field[2]]] for L in sizes])
-        out[name] = critical.extrapolate(sizes, vals[:, 0], np.maximum(vals[:, 1], 1e-3), exponent=1.0)
+    def fit(sizes, values, errors, exponent):  # sizes whose estimate failed (nan) are left out
+        ok = np.isfinite(values) & np.isfinite(errors)
+        if not ok.any():
+            return {"tc": np.nan, "tc_err": np.nan, "sizes": []}
+        return {**critical.extrapolate(np.asarray(sizes)[ok], np.asarray(values)[ok], np.asarray(errors)[ok], exponent), "sizes": np.asarray(sizes)[ok].tolist()}
+
+    out["binder"] = fit([a for a, _ in pairs], *np.array(cross).T, exponent=3.0)
+    out["binder_w2"] = fit([a for a, _ in pairs], *np.array(cross).T, exponent=2.0)
+    for name, (key, value, error) in (("cnn", ("cnn", "tc", "tc_err")), ("cnn_far", ("cnn_far", "tc", "tc_err")), ("pca", ("pca", "t_peak", "t_peak_err"))):
+        vals = np.array([[by_L[L][key][value], by_L[L][key][error]] for L in sizes], np.float64)
+        out[name] = fit(sizes, vals[:, 0], np.maximum(vals[:, 1], 1e-3), exponent=1.0)
     return out
 
 

@@ -154,7 +154,7 @@ class IsingConfig:
     thin_factor: float = 2.0
     sizes: tuple[int, ...] = (8, 16, 32, 64)
     fine_t_min: float = 2.1
-    fine_t_max: float = 2.6
+    fine_t_max: float = 2.7
     n_fine: int = 30
     fine_configs: int = 100
     binder_window: tuple[float, float] = (2.19, 2.35)

@@ -625,8 +625,9 @@ def equilibrium_configurations(
     at every temperature (in sweeps). With tau = the largest of them, the chains then run
     burn_in = ceil(burn_in_factor * tau) more sweeps and record n_configs / n_chains
     configurations per chain, thin = ceil(thin_factor * tau) sweeps apart (autocorrelation
-    about exp(-thin_factor) between consecutive snapshots of a chain). The pilot must be long
-    against tau: raises ValueError if tau > pilot_sweeps / 25.
+    about exp(-thin_factor) between consecutive snapshots of a chain). A pilot shorter than
+    25 tau is doubled (up to 8x) and measured again; if even that is too short, info["warning"]
+    says so and the last estimate is used.
     """
     from matjax.physics import mcstats  # host-side analysis; keeps ising.py import-light
 
@@ -635,17 +636,23 @@ def equilibrium_configurations(
         raise ValueError(f"n_configs={n_configs} is not a multiple of n_chains={n_chains}")
     temperatures = np.asarray(temperatures, np.float32)
     state = init_chains(init_fn, key, temperatures, n_chains, None)
-    state, obs = run(sweep_fn, state, pilot_sweeps, 1)
-    half = pilot_sweeps // 2
-    series = {k: np.moveaxis(np.asarray(v)[half:], 0, -1) for k, v in obs.items()}  # [n_T, chains, t]
-    taus = np.array([[mcstats.integrated_autocorrelation_time(x[i]) for x in (series["e"], np.abs(series["m"]))] for i in range(len(temperatures))])
-    tau = float(taus.max())
-    if tau > pilot_sweeps / 25:
-        raise ValueError(f"tau_int = {tau:.1f} sweeps is too long for a {pilot_sweeps}-sweep pilot; lengthen it")
+    length, total, info = pilot_sweeps, 0, {}
+    while True:
+        state, obs = run(sweep_fn, state, length, 1)
+        total += length
+        series = {k: np.moveaxis(np.asarray(v)[length // 2 :], 0, -1) for k, v in obs.items()}  # [n_T, chains, t]
+        taus = np.array([[mcstats.integrated_autocorrelation_time(x[i]) for x in (series["e"], np.abs(series["m"]))] for i in range(len(temperatures))])
+        tau = float(taus.max())
+        if tau <= length / 25:
+            break
+        if length >= 8 * pilot_sweeps:
+            info["warning"] = f"tau_int = {tau:.1f} sweeps from a pilot of only {length} sweeps"
+            break
+        length *= 2
     burn_in, thin = math.ceil(burn_in_factor * tau), math.ceil(thin_factor * tau)
     _, configs = run(sweep_fn, state, n_configs // n_chains, thin, observe=_lattice, burn_in=burn_in)
     configs = np.asarray(configs)  # [samples, n_T, chains, (32,) L, L]
     L = configs.shape[-1]
     configs = np.moveaxis(configs, 0, 2).reshape(len(temperatures), -1, L, L)
-    info = {"tau_e": taus[:, 0].tolist(), "tau_abs_m": taus[:, 1].tolist(), "burn_in": pilot_sweeps + burn_in, "thin": thin}
+    info.update(tau_e=taus[:, 0].tolist(), tau_abs_m=taus[:, 1].tolist(), burn_in=total + burn_in, thin=thin)
     return configs, info
