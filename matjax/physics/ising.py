@@ -223,9 +223,8 @@ def magnetization(spins: jax.Array) -> jax.Array:
 def _move_classes(J: float, h: float) -> list[tuple[int, int, float]]:
     """All single-flip moves as (x, s, dE): x = s * (sum of the 4 neighbours), s the old spin.
 
-    Only the coupling and field enter; the temperature enters through the thresholds.
-
-    dE = 2 J x + 2 h s. With h = 0 the old spin does not matter and s is reported as 0.
+    dE = 2 J x + 2 h s. With h = 0 the old spin does not matter and s is reported as 0. The
+    temperature enters later, through the acceptance thresholds.
     """
     spins = (0,) if h == 0 else (-1, 1)
     return [(x, s, 2.0 * (J * x + h * s)) for x in (-4, -2, 0, 2, 4) for s in spins]
@@ -426,14 +425,13 @@ def _multispin_update(J: float, h: float) -> Callable:
         undecided = functools.reduce(jnp.bitwise_or, (m for m, _ in pending), jnp.zeros_like(words))
         thresholds = [(m, jnp.asarray(t, jnp.uint32)) for m, t in pending]
 
-        def levels(j, carry):
+        def levels(j, carry):  # _CALLS_PER_STEP Threefry calls = twice as many bit levels
             accept, undecided = carry
             for t in range(_CALLS_PER_STEP):
-                call = j * _CALLS_PER_STEP + t
-                ctr = jnp.full_like(counters.site, 16 * stream) + jnp.asarray(call, jnp.uint32)
-                draws = threefry2x32(counters.k0, counters.k1, counters.site, ctr)
-                for level, u in zip((2 * call, 2 * call + 1), draws):
-                    bit = (31 - level).astype(jnp.uint32) if isinstance(level, jax.Array) else jnp.uint32(31 - level)
+                call = (j * _CALLS_PER_STEP + t).astype(jnp.uint32)
+                draws = threefry2x32(counters.k0, counters.k1, counters.site, jnp.full_like(counters.site, 16 * stream) + call)
+                for k, u in enumerate(draws):
+                    bit = jnp.uint32(31 - k) - 2 * call  # level 2 call + k, most significant first
                     p_bit = jnp.zeros_like(words)
                     for mask, threshold in thresholds:
                         p_bit = p_bit | (mask & (jnp.uint32(0) - ((threshold >> bit) & jnp.uint32(1))))
@@ -441,11 +439,7 @@ def _multispin_update(J: float, h: float) -> Callable:
                     undecided = undecided & ~(p_bit ^ u)
             return accept, undecided
 
-        n_steps = 16 // _CALLS_PER_STEP
-        if n_steps == 1:
-            accept, _ = levels(0, (accept, undecided))
-        else:
-            accept, _ = jax.lax.fori_loop(0, n_steps, levels, (accept, undecided))
+        accept, _ = jax.lax.fori_loop(0, 16 // _CALLS_PER_STEP, levels, (accept, undecided))
         return words ^ accept
 
     return update
