@@ -2,6 +2,7 @@
 
     python experiments/ising_phase.py --config test                  # seconds
     python experiments/ising_phase.py --results benchmarks/results/ising_tc.json
+    python experiments/ising_phase.py --config budget ...           # what fits ~1 h on a busy 2-core CPU
 
 Writes to --out: estimates.json (everything), p_ordered.png, binder.png, pca_pc1.png,
 pca_scatter.png; --results gets the flat summary with the fixed keys.
@@ -26,6 +27,8 @@ from matjax.physics.ising_plots import plot_study
 
 CONFIGS = {
     "default": IsingConfig(),
+    # The default with fewer CNN seeds/epochs and shorter Binder series: fits ~1 h at nice 19 on a shared 2-core CPU.
+    "budget": IsingConfig(binder_samples=1200, n_seeds=3, cnn=PhaseCNNConfig(epochs=6)),
     "test": IsingConfig(
         n_temperatures=8, n_configs=40, n_chains=8, pilot_sweeps=200, sizes=(4, 8), n_fine=8, fine_configs=40,
         fine_t_min=1.9, fine_t_max=2.8, binder_window=(1.9, 2.8), binder_chains=8, binder_samples=200,
