@@ -76,8 +76,10 @@ def parity_plot(path: Path, targets: np.ndarray, mean: np.ndarray, std: np.ndarr
     for ax, y, p, s, name in zip(axes[0], targets.T, mean.T, std.T, names):
         lo, hi = min(y.min(), p.min()), max(y.max(), p.max())
         ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
-        points = ax.scatter(y, p, c=s, s=5, cmap="viridis")
-        fig.colorbar(points, ax=ax, label="ensemble std")
+        if np.ptp(s) > 0:  # a single model has no spread to colour by
+            fig.colorbar(ax.scatter(y, p, c=s, s=5, cmap="viridis"), ax=ax, label="ensemble std")
+        else:
+            ax.scatter(y, p, s=5)
         ax.set(xlabel=f"DFT {name}", ylabel=f"predicted {name}", title=f"{title}\nMAE {np.abs(p - y).mean():.4f}")
     fig.tight_layout()
     fig.savefig(path, dpi=130)
