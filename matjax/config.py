@@ -46,6 +46,54 @@ class DiscoveryConfig:
     allowed_elements: tuple[str, ...] | None = None
     max_per_formula: int | None = None
     hit_tolerance: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class MLFFConfig:
+    """A machine-learned force field (``matjax.models.mlff.create_model``).
+
+    model: "invariant" (the seed's SchNet-style model) or "painn" (equivariant);
+    cutoff: neighbour radius (Angstrom), where the smooth envelope reaches zero;
+    features / num_interactions / num_rbf: width, depth and Gaussian centres on [0, cutoff];
+    envelope_p: polynomial order of the envelope; avg_neighbors: messages are summed and
+    divided by this (the training set's mean neighbour count keeps activations O(1));
+    edge_chunk: edges per step of the invariant model's message scan (speed only).
+    """
+
+    model: str = "invariant"
+    cutoff: float = 5.0
+    features: int = 128
+    num_interactions: int = 6
+    num_rbf: int = 50
+    envelope_p: int = 6
+    avg_neighbors: float = 1.0
+    edge_chunk: int = 2048
+
+
+@dataclasses.dataclass(frozen=True)
+class MLFFTrainConfig:
+    """Training a force field on energies, forces and stresses (``experiments/train_mlff.py``).
+
+    Loss per batch = energy_weight * mean((dE / n_atoms)^2) + force_weight * mean(|dF|^2) / 3
+    + stress_weight * mean(|d sigma|^2) / 9 (eV, Angstrom; stress only where labelled).
+    Adam with a linear warm-up then cosine decay to final_lr_fraction * learning_rate;
+    gradients clipped to grad_clip (global norm); evaluation uses an exponential moving
+    average of the parameters (ema_decay). Checkpoints every ``eval_every`` epochs.
+    """
+
+    dataset: str = "emt"
+    n_frames: int = 300
+    batch_size: int = 4
+    epochs: int = 100
+    learning_rate: float = 1e-3
+    final_lr_fraction: float = 0.01
+    warmup_epochs: int = 2
+    energy_weight: float = 1.0
+    force_weight: float = 10.0
+    stress_weight: float = 0.0
+    grad_clip: float = 10.0
+    ema_decay: float = 0.99
+    eval_every: int = 1
     seed: int = 0
 
 

@@ -16,6 +16,12 @@ def edge_graph_index(graph: jraph.GraphsTuple) -> jnp.ndarray:
     return jnp.repeat(jnp.arange(n_graph), graph.n_edge, total_repeat_length=graph.senders.shape[0])
 
 
+def node_graph_index(graph: jraph.GraphsTuple) -> jnp.ndarray:
+    """[N] index of the graph each node belongs to."""
+    n_graph = graph.n_node.shape[0]
+    return jnp.repeat(jnp.arange(n_graph), graph.n_node, total_repeat_length=graph.nodes["species"].shape[0])
+
+
 def edge_vectors(positions: jnp.ndarray, lattice: jnp.ndarray, graph: jraph.GraphsTuple) -> jnp.ndarray:
     """[E, 3] r_ij = x_j + shift @ lattice - x_i, pointing from receiver i to sender j.
 

@@ -13,3 +13,15 @@ def gaussian_rbf(distances: jnp.ndarray, cutoff: float = 6.0, num: int = 40, wid
     centres = jnp.linspace(0.0, cutoff, num)
     width = cutoff / (num - 1) if width is None else width
     return jnp.exp(-(((distances[..., None] - centres) / width) ** 2))
+
+
+def polynomial_envelope(distances: jnp.ndarray, cutoff: float, p: int = 6) -> jnp.ndarray:
+    """[...] smooth cutoff u(r) = 1 - (p+1)(p+2)/2 x^p + p(p+2) x^(p+1) - p(p+1)/2 x^(p+2), x = r/cutoff.
+
+    u(0) = 1 and u, u', u'' vanish at the cutoff, so energies, forces and their first
+    derivatives are continuous when a neighbour crosses it (DimeNet, Gasteiger et al. 2020).
+    Zero beyond the cutoff.
+    """
+    x = distances / cutoff
+    u = 1.0 - (p + 1) * (p + 2) / 2 * x**p + p * (p + 2) * x ** (p + 1) - p * (p + 1) / 2 * x ** (p + 2)
+    return jnp.where(x < 1.0, u, 0.0)

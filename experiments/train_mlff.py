@@ -1,0 +1,88 @@
+"""Train a force field on energies and forces (and stresses) and evaluate it on the test set.
+
+    python experiments/train_mlff.py                      # offline EMT Cu-Au default
+    python experiments/train_mlff.py --config test        # seconds, CPU
+    python experiments/train_mlff.py --config mlearn --dataset mlearn-Si --record benchmarks/results/mlff_mlearn.json
+    python experiments/train_mlff.py --config aspirin --record benchmarks/results/mlff_aspirin.json
+
+Writes <run>/config.json, checkpoints (best + latest; rerunning resumes), history.jsonl,
+test_metrics.json and parity.png. --record merges the test figures into a results JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+from matjax.config import MLFFConfig, MLFFTrainConfig
+from matjax.data.batching import budget_for
+from matjax.data.forcefield import load_forcefield
+from matjax.train.forcefield import evaluate, make_eval_step, plot_parity, scalar_metrics, train
+
+CONFIGS = {
+    "default": (MLFFConfig(model="invariant", features=64, num_interactions=3), MLFFTrainConfig(dataset="emt", epochs=60)),
+    "test": (
+        MLFFConfig(model="invariant", features=16, num_interactions=1, num_rbf=8),
+        MLFFTrainConfig(dataset="emt", n_frames=30, epochs=2, batch_size=4),
+    ),
+    "mlearn": (
+        MLFFConfig(model="painn", features=64, num_interactions=3, num_rbf=20),
+        MLFFTrainConfig(dataset="mlearn-Si", batch_size=2, epochs=500, learning_rate=2e-3, force_weight=30.0,
+                        stress_weight=0.0, ema_decay=0.995, warmup_epochs=5, eval_every=5),
+    ),
+    "aspirin": (
+        MLFFConfig(model="painn", features=128, num_interactions=3, num_rbf=20),
+        MLFFTrainConfig(dataset="aspirin", batch_size=5, epochs=1000, learning_rate=1e-3, energy_weight=1.0,
+                        force_weight=100.0, ema_decay=0.999, warmup_epochs=5, eval_every=10),
+    ),
+}
+
+
+def record(path: Path, cfg: MLFFTrainConfig, model_cfg: MLFFConfig, test: dict) -> None:
+    """Merge the test figures into a results JSON (mlearn: one entry per element)."""
+    results = json.loads(path.read_text()) if path.exists() else {}
+    if cfg.dataset.startswith("mlearn-"):
+        results[cfg.dataset.split("-", 1)[1]] = {
+            k: test[k] for k in ("energy_mae_meV_per_atom", "force_mae_eV_per_A", "stress_mae_GPa")
+        } | {"model": model_cfg.model}
+    else:
+        results.update(force_mae_meV_per_A=1e3 * test["force_mae_eV_per_A"], energy_mae_meV=test["energy_mae_meV"],
+                       model=model_cfg.model, dataset=cfg.dataset)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="default")
+    parser.add_argument("--dataset", help="emt, mlearn-<Si|Ge|Li|Mo>, aspirin, 3bpa or water")
+    parser.add_argument("--model", choices=["invariant", "painn"])
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--run-dir", type=Path, help="default runs/mlff-<config>-<dataset>-<model>")
+    parser.add_argument("--record", type=Path, help="merge the test figures into this results JSON")
+    args = parser.parse_args()
+    model_cfg, cfg = CONFIGS[args.config]
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in [("dataset", args.dataset), ("epochs", args.epochs)] if v})
+    model_cfg = dataclasses.replace(model_cfg, model=args.model or model_cfg.model)
+    run_dir = args.run_dir or Path("runs") / f"mlff-{args.config}-{cfg.dataset}-{model_cfg.model}"
+
+    start = time.perf_counter()
+    splits = load_forcefield(cfg.dataset, model_cfg.cutoff, n_frames=cfg.n_frames)
+    print({k: len(v) for k, v in splits.items()}, "structures")
+    model, best, history = train(model_cfg, cfg, splits, run_dir)
+    budget = budget_for(splits["train"].graphs, cfg.batch_size)
+    test = evaluate(make_eval_step(model, cfg.stress_weight > 0 or cfg.dataset.startswith("mlearn")),
+                    best.variables(), splits["test"], budget)
+    figures = scalar_metrics(test) | {"wall_time_s": round(time.perf_counter() - start, 1), "epochs": int(best.epoch)}
+    (run_dir / "test_metrics.json").write_text(json.dumps(figures, indent=2) + "\n")
+    plot_parity(test, run_dir / "parity.png", f"{cfg.dataset} test, {model_cfg.model}")
+    print(json.dumps(figures))
+    if args.record:
+        record(args.record, cfg, model_cfg, test)
+
+
+if __name__ == "__main__":
+    main()

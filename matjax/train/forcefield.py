@@ -1,0 +1,344 @@
+"""Training a force field on energies, forces and stresses.
+
+The model predicts one energy per structure; forces and stress are its derivatives
+(``matjax.physics.forces``), so the force loss is differentiated through a gradient
+(second derivatives by ``jax.grad``). Batches are padded ``jraph.GraphsTuple``s of one
+static ``Budget`` (one compilation); every loss term is masked to real graphs and atoms.
+
+Per-element reference energies are fitted by least squares on the training set and the
+network's per-atom output is scaled by the training set's RMS force component, so the
+network learns an O(1) correction; both are stored as constants next to the parameters.
+Energies are compared after subtracting the reference on the host in float64: a float32
+total of -17,600 eV (aspirin) would carry ~2 meV of rounding, as much as the model's error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import jraph
+import numpy as np
+import optax
+from flax import struct
+from tqdm.auto import tqdm
+
+from matjax.config import MLFFConfig, MLFFTrainConfig
+from matjax.data.batching import Budget, batch_indices, budget_for, graphs_tuple
+from matjax.data.forcefield import ForceFieldData
+from matjax.data.graphs import take
+from matjax.geometry.periodic import node_graph_index
+from matjax.models.mlff import MAX_Z, create_model, graph_energy_fn
+from matjax.physics.forces import energy_forces_stress
+from matjax.train.checkpoint import Checkpointer
+
+
+class TrainState(struct.PyTreeNode):
+    """Everything a resumed run needs: parameters, their moving average, optimiser."""
+
+    step: jnp.ndarray
+    epoch: jnp.ndarray
+    params: dict
+    ema: dict
+    opt_state: optax.OptState
+    constants: dict
+
+    def variables(self, averaged: bool = True) -> dict:
+        """Flax variables for ``model.apply`` (the moving average by default)."""
+        return {"params": self.ema if averaged else self.params, "constants": self.constants}
+
+
+def fit_reference_energies(data: ForceFieldData) -> np.ndarray:
+    """[MAX_Z] per-element energies (eV) minimising sum_m (E_m - sum_Z n_mZ e_Z)^2."""
+    graph_of_node = np.repeat(np.arange(len(data)), data.n_atoms)
+    counts = np.zeros((len(data), MAX_Z))
+    np.add.at(counts, (graph_of_node, data.graphs.species), 1.0)
+    present = np.flatnonzero(counts.any(axis=0))
+    solution, *_ = np.linalg.lstsq(counts[:, present], data.energy, rcond=None)
+    reference = np.zeros(MAX_Z)
+    reference[present] = solution
+    return reference
+
+
+def data_statistics(data: ForceFieldData) -> dict[str, float]:
+    """Mean neighbours per atom and RMS force component of a training set."""
+    return {
+        "avg_neighbors": float(data.graphs.n_edge.sum() / data.n_atoms.sum()),
+        "force_rms": float(np.sqrt(np.mean(data.forces**2))),
+    }
+
+
+def reference_sums(data: ForceFieldData, reference: np.ndarray) -> np.ndarray:
+    """[M] sum over each structure's atoms of reference[Z] (float64)."""
+    return np.bincount(np.repeat(np.arange(len(data)), data.n_atoms), reference[data.graphs.species], len(data))
+
+
+def make_batch(data: ForceFieldData, indices, budget: Budget, reference: np.ndarray) -> dict:
+    """Padded batch of structures ``indices``: {"graph": GraphsTuple, "forces": [n_node, 3]}.
+
+    graph.globals["targets"] is [n_graph, 10]: energy minus the reference sum (eV, taken
+    in float64), then the 3x3 stress (NaN if absent).
+    """
+    indices = np.asarray(indices)
+    sub = data.subset(indices)
+    energy = sub.energy - reference_sums(sub, reference)
+    targets = np.concatenate([energy[:, None], sub.stress.reshape(-1, 9)], axis=1)
+    graph = graphs_tuple(take(data.graphs, indices), budget, targets)
+    forces = np.zeros((budget.n_node, 3), np.float32)
+    forces[: len(sub.forces)] = sub.forces
+    return {"graph": graph, "forces": forces}
+
+
+def predict(model: nn.Module, variables, graph: jraph.GraphsTuple, stress: bool = False):
+    """(energies [G] eV, forces [N, 3] eV/A, stress [G, 3, 3] eV/A^3 or None) of a batch."""
+    return energy_forces_stress(
+        graph_energy_fn(model, variables, graph), graph.nodes["positions"], graph.globals["lattice"],
+        node_graph_index(graph), stress=stress,
+    )
+
+
+def without_reference(variables: dict) -> dict:
+    """``variables`` with the reference energies set to zero (see ``make_batch``)."""
+    constants = jax.tree.map(lambda x: x, variables["constants"])
+    constants["_Constants_0"]["reference"] = jnp.zeros_like(constants["_Constants_0"]["reference"])
+    return {**variables, "constants": constants}
+
+
+def batch_errors(model: nn.Module, variables, batch: dict, stress: bool):
+    """Masked errors of a batch: dict of [G] per-atom energy errors, [N, 3] force errors,
+    [G, 3, 3] stress errors (0 where unlabelled), masks and predictions (energies
+    without the reference sum, like the targets)."""
+    graph = batch["graph"]
+    energies, forces, sigma = predict(model, without_reference(variables), graph, stress)
+    graph_mask = jraph.get_graph_padding_mask(graph)
+    node_mask = jraph.get_node_padding_mask(graph)
+    n_atoms = jnp.maximum(graph.n_node, 1)
+    targets = graph.globals["targets"]
+    errors = {
+        "energy": jnp.where(graph_mask, (energies - targets[:, 0]) / n_atoms, 0.0),
+        "forces": jnp.where(node_mask[:, None], forces - batch["forces"], 0.0),
+        "graph_mask": graph_mask, "node_mask": node_mask,
+        "energies": energies, "pred_forces": forces,
+    }
+    if stress:
+        true = targets[:, 1:].reshape(-1, 3, 3)
+        labelled = graph_mask & jnp.all(jnp.isfinite(true), axis=(1, 2))
+        errors["stress"] = jnp.where(labelled[:, None, None], sigma - jnp.nan_to_num(true), 0.0)
+        errors["stress_mask"] = labelled
+    return errors
+
+
+def loss_fn(params, constants, model, batch, cfg: MLFFTrainConfig):
+    """Weighted MSE of per-atom energy, force components and stress; (loss, errors)."""
+    stress = cfg.stress_weight > 0
+    err = batch_errors(model, {"params": params, "constants": constants}, batch, stress)
+    n_graph = jnp.maximum(err["graph_mask"].sum(), 1)
+    n_node = jnp.maximum(err["node_mask"].sum(), 1)
+    loss = cfg.energy_weight * jnp.sum(err["energy"] ** 2) / n_graph
+    loss += cfg.force_weight * jnp.sum(err["forces"] ** 2) / (3 * n_node)
+    if stress:
+        loss += cfg.stress_weight * jnp.sum(err["stress"] ** 2) / (9 * jnp.maximum(err["stress_mask"].sum(), 1))
+    return loss, err
+
+
+def create_optimizer(cfg: MLFFTrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+    """Adam, warm-up then cosine decay, global-norm clipping."""
+    total = max(cfg.epochs * steps_per_epoch, 1)
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, cfg.learning_rate, min(cfg.warmup_epochs * steps_per_epoch, total - 1), total,
+        end_value=cfg.learning_rate * cfg.final_lr_fraction,
+    )
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), optax.adam(schedule))
+
+
+def init_state(model: nn.Module, optimizer, key, constants: dict, example: dict) -> TrainState:
+    """Fresh parameters (``constants`` replace the model's zero defaults)."""
+    graph = example["graph"]
+    vectors = jnp.ones((graph.senders.shape[0], 3))
+    params = model.init(key, graph.nodes["species"], vectors, graph.senders, graph.receivers)["params"]
+    return TrainState(
+        step=jnp.array(0), epoch=jnp.array(0), params=params, ema=params,
+        opt_state=optimizer.init(params), constants=constants,
+    )
+
+
+def make_train_step(model: nn.Module, optimizer, cfg: MLFFTrainConfig):
+    """Jitted (state, batch) -> (state, loss)."""
+
+    @jax.jit
+    def train_step(state: TrainState, batch: dict):
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (loss, _), grads = grad_fn(state.params, state.constants, model, batch, cfg)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = jax.tree.map(lambda e, p: cfg.ema_decay * e + (1 - cfg.ema_decay) * p, state.ema, params)
+        return state.replace(step=state.step + 1, params=params, ema=ema, opt_state=opt_state), loss
+
+    return train_step
+
+
+def make_eval_step(model: nn.Module, stress: bool):
+    """Jitted (variables, batch) -> masked errors and predictions."""
+    return jax.jit(lambda variables, batch: batch_errors(model, variables, batch, stress))
+
+
+def evaluate(eval_step, variables, data: ForceFieldData, budget: Budget) -> dict:
+    """MAEs over ``data`` and the per-structure / per-component values for parity plots.
+
+    Keys: energy_mae_meV_per_atom, energy_mae_meV, force_mae_eV_per_A, stress_mae_GPa
+    (NaN where no stress), and arrays energy_true / energy_pred [M] (eV per atom),
+    force_true / force_pred [3 sum N] (eV/A).
+    """
+    reference = np.asarray(variables["constants"]["_Constants_0"]["reference"], np.float64)
+    offset = reference_sums(data, reference)
+    e_true, e_pred, f_true, f_pred, s_err = [], [], [], [], []
+    for idx in batch_indices(data.graphs, budget):
+        batch = make_batch(data, idx, budget, reference)
+        out = jax.device_get(eval_step(variables, batch))
+        m, n = out["graph_mask"], out["node_mask"]
+        n_atoms = batch["graph"].n_node[m]
+        e_true.append(data.energy[idx] / n_atoms)
+        e_pred.append((out["energies"][m] + offset[idx]) / n_atoms)
+        f_true.append(batch["forces"][n].ravel())
+        f_pred.append(out["pred_forces"][n].ravel())
+        if "stress" in out:
+            s_err.append(out["stress"][out["stress_mask"]].ravel())
+    e_true, e_pred = np.concatenate(e_true), np.concatenate(e_pred)
+    f_true, f_pred = np.concatenate(f_true), np.concatenate(f_pred)
+    s_err = np.concatenate(s_err) if s_err else np.array([])
+    return {
+        "energy_mae_meV_per_atom": 1e3 * float(np.mean(np.abs(e_pred - e_true))),
+        "energy_mae_meV": 1e3 * float(np.mean(np.abs((e_pred - e_true) * data.n_atoms))),
+        "force_mae_eV_per_A": float(np.mean(np.abs(f_pred - f_true))),
+        "stress_mae_GPa": 160.21766208 * float(np.mean(np.abs(s_err))) if len(s_err) else float("nan"),
+        "energy_true": e_true, "energy_pred": e_pred, "force_true": f_true, "force_pred": f_pred,
+    }
+
+
+def scalar_metrics(metrics: dict) -> dict:
+    """The float entries of an ``evaluate`` result (JSON-ready)."""
+    return {k: v for k, v in metrics.items() if isinstance(v, float)}
+
+
+def save_run_config(run_dir: Path, model_cfg: MLFFConfig, train_cfg: MLFFTrainConfig) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = {"model": dataclasses.asdict(model_cfg), "train": dataclasses.asdict(train_cfg)}
+    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def load_run_config(run_dir: str | Path) -> tuple[MLFFConfig, MLFFTrainConfig]:
+    config = json.loads((Path(run_dir) / "config.json").read_text())
+    return MLFFConfig(**config["model"]), MLFFTrainConfig(**config["train"])
+
+
+def _abstract_state(model, model_cfg, train_cfg, budget: Budget, steps_per_epoch: int) -> TrainState:
+    optimizer = create_optimizer(train_cfg, steps_per_epoch)
+    graph = jraph.GraphsTuple(
+        nodes={"species": jnp.zeros(budget.n_node, jnp.int32)}, edges=None,
+        senders=jnp.zeros(budget.n_edge, jnp.int32), receivers=jnp.zeros(budget.n_edge, jnp.int32),
+        n_node=None, n_edge=None, globals=None,
+    )
+    constants = {"_Constants_0": {"reference": jnp.zeros(MAX_Z), "scale": jnp.ones(())}}
+    return jax.eval_shape(lambda k: init_state(model, optimizer, k, constants, {"graph": graph}), jax.random.PRNGKey(0))
+
+
+def load_force_field(run_dir: str | Path, which: str = "best") -> tuple[nn.Module, dict, MLFFConfig]:
+    """(model, variables, model config) of a trained run; variables hold the averaged
+    parameters of the ``which`` ("best" or "latest") checkpoint."""
+    run_dir = Path(run_dir)
+    model_cfg, train_cfg = load_run_config(run_dir)
+    model = create_model(model_cfg)
+    target = _abstract_state(model, model_cfg, train_cfg, Budget(8, 8, 2), 1)
+    checkpointer = Checkpointer(run_dir / "checkpoints")
+    state = checkpointer.restore(target, which)
+    checkpointer.close()
+    if state is None:
+        raise FileNotFoundError(f"no {which} checkpoint under {run_dir / 'checkpoints'}")
+    return model, state.variables(), model_cfg
+
+
+def train(model_cfg: MLFFConfig, cfg: MLFFTrainConfig, splits: dict[str, ForceFieldData], run_dir: str | Path):
+    """Train (or resume) a force field; returns (model, best TrainState, history).
+
+    Reference energies, the energy scale and ``avg_neighbors`` come from the training
+    split. Each evaluation saves the latest state and, if the validation loss improved,
+    the best; a non-finite loss stops the run with FloatingPointError and the last good
+    checkpoints intact. A run restarted with the same ``run_dir`` resumes at its latest
+    checkpoint and reshuffles exactly as the uninterrupted run would have.
+    """
+    run_dir = Path(run_dir)
+    train_data, val_data = splits["train"], splits["val"]
+    stats = data_statistics(train_data)
+    model_cfg = dataclasses.replace(model_cfg, avg_neighbors=round(stats["avg_neighbors"], 3))
+    save_run_config(run_dir, model_cfg, cfg)
+    model = create_model(model_cfg)
+    budget = budget_for(train_data.graphs, cfg.batch_size)
+    steps_per_epoch = len(batch_indices(train_data.graphs, budget))
+    optimizer = create_optimizer(cfg, steps_per_epoch)
+    # Round once: the stored float32 constants and the host-side residuals must agree.
+    reference = fit_reference_energies(train_data).astype(np.float32).astype(np.float64)
+    constants = {"_Constants_0": {
+        "reference": jnp.asarray(reference, jnp.float32), "scale": jnp.asarray(stats["force_rms"], jnp.float32),
+    }}
+    state = init_state(model, optimizer, jax.random.PRNGKey(cfg.seed), constants, make_batch(train_data, [0], budget, reference))
+    checkpointer = Checkpointer(run_dir / "checkpoints")
+    state = checkpointer.restore(state) or state
+    train_step, eval_step = make_train_step(model, optimizer, cfg), make_eval_step(model, cfg.stress_weight > 0)
+    history_path = run_dir / "history.jsonl"
+    rng = np.random.default_rng(cfg.seed)
+    for _ in range(int(state.epoch)):
+        rng.permutation(len(train_data))  # replay the shuffles of the epochs already done
+    bar = tqdm(range(int(state.epoch), cfg.epochs), desc="epochs", initial=int(state.epoch), total=cfg.epochs)
+    for epoch in bar:
+        losses = []
+        for idx in batch_indices(train_data.graphs, budget, rng.permutation(len(train_data))):
+            state, loss = train_step(state, make_batch(train_data, idx, budget, reference))
+            losses.append(loss)
+        train_loss = float(np.mean(jax.device_get(losses)))
+        if not math.isfinite(train_loss):
+            checkpointer.close()
+            raise FloatingPointError(
+                f"non-finite training loss in epoch {epoch + 1}; the last good checkpoints in "
+                f"{run_dir / 'checkpoints'} are kept (lower the learning rate or check the data)"
+            )
+        state = state.replace(epoch=jnp.array(epoch + 1))
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            val = scalar_metrics(evaluate(eval_step, state.variables(), val_data, budget))
+            val_loss = cfg.energy_weight * (val["energy_mae_meV_per_atom"] / 1e3) ** 2 + cfg.force_weight * val["force_mae_eV_per_A"] ** 2
+            checkpointer.save(int(state.step), state, val_loss)
+            record = {"epoch": epoch + 1, "train_loss": train_loss, **{f"val_{k}": v for k, v in val.items()}}
+            with history_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            bar.set_postfix(loss=f"{train_loss:.3g}", E=f"{val['energy_mae_meV_per_atom']:.2f}", F=f"{val['force_mae_eV_per_A']:.4f}")
+    best = checkpointer.restore(state, "best")
+    checkpointer.close()
+    history = [json.loads(line) for line in history_path.read_text().splitlines()] if history_path.exists() else []
+    return model, best, history
+
+
+def plot_parity(metrics: dict, path: str | Path, title: str = "") -> None:
+    """Energy (meV/atom) and force (eV/A) parity plots of an ``evaluate`` result, as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.2))
+    panels = [
+        (axes[0], metrics["energy_true"], metrics["energy_pred"], "energy (eV/atom)", f"MAE {metrics['energy_mae_meV_per_atom']:.2f} meV/atom"),
+        (axes[1], metrics["force_true"], metrics["force_pred"], "force component (eV/A)", f"MAE {metrics['force_mae_eV_per_A']:.4f} eV/A"),
+    ]
+    for ax, true, pred, label, mae in panels:
+        lo, hi = float(min(true.min(), pred.min())), float(max(true.max(), pred.max()))
+        ax.plot([lo, hi], [lo, hi], color="0.6", lw=1)
+        ax.scatter(true, pred, s=4, alpha=0.5)
+        ax.set(xlabel=f"DFT {label}", ylabel=f"model {label}", title=mae)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

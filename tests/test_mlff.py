@@ -1,0 +1,212 @@
+"""Force-field models: forces and stress are exact derivatives of an invariant, extensive,
+smooth energy."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from matjax.config import MLFFConfig
+from matjax.data.batching import Budget, graphs_tuple
+from matjax.data.graphs import build_graph, pack
+from matjax.geometry.periodic import node_graph_index
+from matjax.models.mlff import create_model, graph_energy_fn
+from matjax.physics.forces import energy_forces_stress
+from matjax.testing import central_difference
+
+CUTOFF = 3.0
+CONFIGS = {
+    "invariant": MLFFConfig(model="invariant", cutoff=CUTOFF, features=16, num_interactions=2, num_rbf=8, avg_neighbors=10.0),
+    "painn": MLFFConfig(model="painn", cutoff=CUTOFF, features=16, num_interactions=2, num_rbf=8, avg_neighbors=10.0),
+}
+
+
+def _structure(seed=0):
+    """A rattled, skewed 2-species cell smaller than twice the cutoff (several images per pair)."""
+    rng = np.random.default_rng(seed)
+    lattice = np.array([[3.4, 0.0, 0.0], [0.6, 3.2, 0.0], [0.3, -0.4, 3.6]])
+    frac = np.array([[0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]]) + 0.03 * rng.normal(size=(4, 3))
+    return np.array([29, 29, 79, 29]), frac, lattice
+
+
+def _batch(graphs):
+    """Padded batch; positions and lattice recomputed in the default float precision."""
+    graphs = list(graphs)
+    packed = pack(graphs)
+    budget = Budget(int(packed.n_node.sum()) + 3, int(packed.n_edge.sum()) + 5, len(graphs) + 1)
+    batch = graphs_tuple(packed, budget)
+    n = int(packed.n_node.sum())
+    positions = np.zeros((budget.n_node, 3))
+    positions[:n] = np.einsum("ni,nij->nj", packed.frac, np.repeat(packed.lattice, packed.n_node, axis=0))
+    lattice = np.array(batch.globals["lattice"], np.float64)
+    lattice[: len(graphs)] = packed.lattice
+    batch = batch._replace(nodes={**batch.nodes, "positions": positions}, globals={**batch.globals, "lattice": lattice})
+    dtype = jnp.zeros(()).dtype
+    return jax.tree.map(lambda x: jnp.asarray(x, dtype if np.issubdtype(np.asarray(x).dtype, np.floating) else None), batch)
+
+
+def _variables(name, dtype=jnp.float32, seed=0):
+    model = create_model(CONFIGS[name])
+    graph = _batch([build_graph(*_structure(), cutoff=CUTOFF)])
+    variables = model.init(jax.random.PRNGKey(seed), graph.nodes["species"], jnp.ones((graph.senders.shape[0], 3)),
+                           graph.senders, graph.receivers)
+    # Non-trivial constants so that they are exercised.
+    variables["constants"]["_Constants_0"]["reference"] = jnp.arange(119.0) * -0.01
+    variables["constants"]["_Constants_0"]["scale"] = jnp.array(0.7)
+    return model, jax.tree.map(lambda x: x.astype(dtype), variables)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _efs(model, variables, graph, stress=True):
+    return energy_forces_stress(graph_energy_fn(model, variables, graph), graph.nodes["positions"],
+                                graph.globals["lattice"], node_graph_index(graph), stress=stress)
+
+
+def _energy(model, variables, species, frac, lattice, cutoff=CUTOFF, pbc=(True, True, True)):
+    graph = _batch([build_graph(species, frac, lattice, cutoff=cutoff, pbc=pbc)])
+    return float(_efs(model, variables, graph, stress=False)[0][0])
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_forces_and_stress_equal_finite_differences(name):
+    with jax.enable_x64(True):
+        model, variables = _variables(name, jnp.float64)
+        species, frac, lattice = _structure()
+        graph = _batch([build_graph(species, frac, lattice, cutoff=CUTOFF)])
+        energies, forces, stress = _efs(model, variables, graph)
+        positions = frac @ lattice
+
+        def energy_of_positions(flat):
+            return _energy(model, variables, species, np.linalg.solve(lattice.T, flat.reshape(-1, 3).T).T, lattice)
+
+        fd_forces = -central_difference(energy_of_positions, positions.ravel(), eps=1e-5).reshape(-1, 3)
+        np.testing.assert_allclose(forces[:4], fd_forces, atol=1e-7 * max(1.0, np.abs(fd_forces).max()))
+
+        def energy_of_strain(flat):
+            eps = flat.reshape(3, 3)
+            # The graph is rebuilt from the deformed cell: independent of the strain argument.
+            return _energy(model, variables, species, frac, lattice @ (np.eye(3) + 0.5 * (eps + eps.T)))
+
+        volume = abs(np.linalg.det(lattice))
+        fd_stress = central_difference(energy_of_strain, np.zeros(9), eps=1e-5).reshape(3, 3) / volume
+        np.testing.assert_allclose(stress[0], fd_stress, atol=1e-8 + 1e-6 * np.abs(fd_stress).max())
+        assert np.abs(fd_stress).max() > 1e-4  # the test can fail: the stress is not trivially zero
+
+
+def _rotation(seed):
+    q, r = np.linalg.qr(np.random.default_rng(seed).normal(size=(3, 3)))
+    q = q * np.sign(np.diag(r))
+    return q if np.linalg.det(q) > 0 else -q
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_energy_invariant_and_forces_equivariant(name):
+    model, variables = _variables(name)
+    species, frac, lattice = _structure()
+    base = _batch([build_graph(species, frac, lattice, cutoff=CUTOFF)])
+    e0, f0, s0 = _efs(model, variables, base)
+    n = len(species)
+    # Rotation of positions and cell (same fractional coordinates).
+    rot = _rotation(1)
+    e1, f1, s1 = _efs(model, variables, _batch([build_graph(species, frac, lattice @ rot.T, cutoff=CUTOFF)]))
+    np.testing.assert_allclose(e1, e0, rtol=1e-5)
+    np.testing.assert_allclose(f1[:n], f0[:n] @ rot.T, atol=1e-5)
+    np.testing.assert_allclose(s1[0], rot @ s0[0] @ rot.T, atol=1e-6)
+    # Translation (fractional shift, with wrapping of one atom into the cell).
+    shifted = frac + np.array([0.31, -0.17, 0.52])
+    e2, f2, _ = _efs(model, variables, _batch([build_graph(species, shifted, lattice, cutoff=CUTOFF)]))
+    np.testing.assert_allclose(e2, e0, rtol=1e-5)
+    np.testing.assert_allclose(f2[:n], f0[:n], atol=1e-5)
+    # Permutation of the atoms.
+    perm = np.array([2, 0, 3, 1])
+    e3, f3, _ = _efs(model, variables, _batch([build_graph(species[perm], frac[perm], lattice, cutoff=CUTOFF)]))
+    np.testing.assert_allclose(e3, e0, rtol=1e-5)
+    np.testing.assert_allclose(f3[:n], f0[perm], atol=1e-5)
+    # Newton's third law for a periodic crystal.
+    np.testing.assert_allclose(f0[:n].sum(0), 0.0, atol=1e-5)
+    assert np.abs(f0[:n]).max() > 1e-3
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_energy_is_extensive(name):
+    model, variables = _variables(name)
+    species, frac, lattice = _structure()
+    cell = _batch([build_graph(species, frac, lattice, cutoff=CUTOFF)])
+    reps = np.array([2, 1, 2])
+    images = np.array([[i, j, k] for i in range(2) for j in range(1) for k in range(2)])
+    super_frac = ((frac[None] + images[:, None]) / reps).reshape(-1, 3)
+    sup = _batch([build_graph(np.tile(species, 4), super_frac, lattice * reps[:, None], cutoff=CUTOFF)])
+    e_cell, f_cell, s_cell = _efs(model, variables, cell)
+    e_sup, f_sup, s_sup = _efs(model, variables, sup)
+    np.testing.assert_allclose(e_sup[0], 4 * e_cell[0], rtol=1e-5)
+    np.testing.assert_allclose(f_sup[:16], np.tile(f_cell[:4], (4, 1)), atol=1e-5)
+    np.testing.assert_allclose(s_sup[0], s_cell[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@jax.enable_x64(True)
+def test_energy_smooth_when_an_atom_crosses_the_cutoff(name):
+    model, variables = _variables(name, jnp.float64, seed=3)
+    species = np.array([29, 79, 29])
+    lattice = np.eye(3) * 30.0
+
+    def energy_force(x):
+        positions = np.array([[10.0, 10.0, 10.0], [8.6, 10.9, 10.0], [10.0 + x, 10.0, 10.0]])
+        graph = _batch([build_graph(species, positions / 30.0, lattice, cutoff=CUTOFF + 1.0, pbc=(False,) * 3)])
+        energies, forces, _ = _efs(model, variables, graph, stress=False)
+        return float(energies[0]), np.asarray(forces[2])
+
+    # Atom 2 leaves atom 0's sphere at x = CUTOFF; it stays > 3.8 A from atom 1.
+    inside, outside = energy_force(CUTOFF - 1e-3), energy_force(CUTOFF + 1e-3)
+    far = energy_force(CUTOFF + 0.5)
+    # The envelope vanishes with two derivatives: energy jumps O(1e-9), forces O(1e-6).
+    assert abs(inside[0] - outside[0]) < 1e-8
+    assert np.abs(inside[1]).max() < 1e-5 and np.abs(outside[1]).max() < 1e-5
+    np.testing.assert_allclose(outside[0], far[0], atol=1e-12)  # beyond the cutoff nothing changes
+    assert abs(energy_force(CUTOFF - 0.6)[0] - far[0]) > 1e-4  # while inside it does
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_padding_and_batching_do_not_change_results(name):
+    model, variables = _variables(name)
+    a = build_graph(*_structure(0), cutoff=CUTOFF)
+    b = build_graph(*_structure(1), cutoff=CUTOFF)
+    ea, fa, sa = _efs(model, variables, _batch([a]))
+    eb, fb, sb = _efs(model, variables, _batch([b]))
+    eab, fab, sab = _efs(model, variables, _batch([a, b]))
+    np.testing.assert_allclose(eab[:2], [ea[0], eb[0]], rtol=1e-5)
+    np.testing.assert_allclose(fab[:8], np.concatenate([fa[:4], fb[:4]]), atol=1e-5)
+    np.testing.assert_allclose(sab[:2], np.stack([sa[0], sb[0]]), atol=1e-6)
+    chex.assert_tree_all_finite((eab, fab, sab))
+
+
+def test_edge_chunks_do_not_change_the_invariant_model():
+    model, variables = _variables("invariant")
+    graph = _batch([build_graph(*_structure(), cutoff=CUTOFF)])
+    chunked = create_model(CONFIGS["invariant"].__class__(**{**CONFIGS["invariant"].__dict__, "edge_chunk": 7}))
+    e1, f1, _ = _efs(model, variables, graph)
+    e2, f2, _ = _efs(chunked, variables, graph)
+    np.testing.assert_allclose(e2, e1, rtol=1e-6)
+    np.testing.assert_allclose(f2, f1, atol=1e-6)
+
+
+def test_jitted_forces_compile_once_and_equal_eager():
+    model, variables = _variables("painn")
+    graphs = [_batch([build_graph(*_structure(seed), cutoff=CUTOFF)]) for seed in range(2)]
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def forces(variables, graph):
+        return _efs(model, variables, graph)[1]
+
+    budget_equal = [g.senders.shape == graphs[0].senders.shape for g in graphs]
+    for g in graphs[: 2 if all(budget_equal) else 1]:
+        np.testing.assert_allclose(forces(variables, g), _efs(model, variables, g)[1], atol=1e-5)
+
+
+def test_unknown_model_name_raises():
+    with pytest.raises(ValueError, match="unknown force-field model"):
+        create_model(MLFFConfig(model="schnet2"))
