@@ -35,7 +35,7 @@ CONFIGS = {
     ),
     "aspirin": (
         MLFFConfig(model="painn", features=128, num_interactions=3, num_rbf=20),
-        MLFFTrainConfig(dataset="aspirin", batch_size=5, epochs=1000, learning_rate=1e-3, energy_weight=1.0,
+        MLFFTrainConfig(dataset="aspirin", batch_size=5, epochs=600, learning_rate=3e-3, energy_weight=1.0,
                         force_weight=100.0, ema_decay=0.999, warmup_epochs=5, eval_every=10),
     ),
 }

@@ -203,14 +203,16 @@ def create_model(cfg: MLFFConfig) -> nn.Module:
 def graph_energy_fn(model: nn.Module, variables, graph):
     """energy(positions [N, 3], lattice [G, 3, 3]) -> [G] total energies of ``graph``'s structures.
 
-    ``graph`` is a (padded) ``jraph.GraphsTuple`` with nodes["species"] and edges["shifts"];
-    the positions and lattice are arguments so that forces and stress can be taken by
-    ``jax.grad`` (``matjax.physics.forces.energy_forces_stress``).
+    ``graph`` is a (padded) ``jraph.GraphsTuple`` with nodes["species"], edges["shifts"]
+    and optionally edges["mask"] (False on unused neighbour-list slots); the positions
+    and lattice are arguments so that forces and stress can be taken by ``jax.grad``
+    (``matjax.physics.forces.energy_forces_stress``).
     """
 
     def energy(positions, lattice):
         vectors = edge_vectors(positions, lattice, graph)
-        atoms = model.apply(variables, graph.nodes["species"], vectors, graph.senders, graph.receivers)
+        atoms = model.apply(variables, graph.nodes["species"], vectors, graph.senders, graph.receivers,
+                            graph.edges.get("mask"))
         return jax.ops.segment_sum(atoms, node_graph_index(graph), graph.n_node.shape[0])
 
     return energy

@@ -1,0 +1,116 @@
+"""Molecular dynamics with an analytic Lennard-Jones potential: conservation, thermostats,
+blow-up detection, neighbour-list overflow replay, trajectory files."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from ase.build import bulk
+
+from matjax.geometry.neighbors import neighbor_list
+from matjax.geometry.periodic import edge_vectors
+from matjax.models.layers import polynomial_envelope
+from matjax.physics import md
+
+SIGMA, EPSILON, CUTOFF, MASS = 3.4, 0.0104, 7.0, 39.95  # argon-like
+
+
+def lennard_jones(graph):
+    """energy(positions, lattice [1, 3, 3]) -> [1]: LJ times a smooth envelope (so E and F are continuous)."""
+
+    def energy(positions, lattice):
+        vectors = edge_vectors(positions, lattice, graph)
+        r2 = jnp.sum(vectors**2, axis=-1)
+        r2 = jnp.where(graph.edges["mask"], r2, CUTOFF**2)
+        sr6 = (SIGMA**2 / r2) ** 3
+        pair = 4 * EPSILON * (sr6**2 - sr6) * polynomial_envelope(jnp.sqrt(r2), CUTOFF)
+        return 0.5 * jnp.sum(pair)[None]  # each pair is listed twice
+
+    return energy
+
+
+def _argon(repeat=3, rattle=0.05, seed=0):
+    atoms = bulk("Ar", "fcc", a=5.26, cubic=True).repeat(repeat)
+    atoms.rattle(rattle, seed=seed)
+    return atoms
+
+
+def _setup(atoms, skin=0.5, capacity_multiplier=1.25):
+    fns = neighbor_list(CUTOFF, skin, capacity_multiplier=capacity_multiplier)
+    nbrs = fns.allocate(atoms.positions, atoms.cell.array)
+    potential = md.neighbor_potential(lennard_jones, atoms.numbers)
+    masses = np.full(len(atoms), MASS)
+    return fns, nbrs, potential, masses
+
+
+def test_nve_conserves_energy_and_writes_extxyz(tmp_path):
+    from ase.io import read
+
+    atoms = _argon()
+    fns, nbrs, potential, masses = _setup(atoms)
+    init_fn, step_fn = md.nve(potential, dt_fs=5.0)
+    velocities = md.maxwell_boltzmann(jax.random.PRNGKey(0), masses, 60.0)
+    state = init_fn(atoms.positions, atoms.cell.array, masses, velocities, nbrs)
+    _, traj = md.simulate(step_fn, state, 1000, 10, dt_fs=5.0, neighbor_fns=fns, progress=False)
+    assert traj.stopped is None and len(traj.time_fs) == 100
+    # Energy flows between kinetic and potential while the sum stays put.
+    assert np.std(traj.kinetic) > 50 * np.std(traj.conserved)
+    assert abs(traj.drift_meV_per_atom_per_ps()) < 0.05
+    assert int(state.nbrs.n_builds) >= 1
+    path = tmp_path / "traj.extxyz"
+    traj.write_extxyz(path, atoms.numbers, atoms.cell.array)
+    frames = read(path, index=":")
+    assert len(frames) == 100
+    np.testing.assert_allclose(frames[-1].positions, traj.positions[-1], atol=1e-6)
+    assert frames[2].info["time_fs"] == pytest.approx(150.0) == traj.time_fs[2]
+
+
+@pytest.mark.parametrize("thermostat", ["langevin", "nose_hoover_chain"])
+def test_thermostats_reach_their_temperature(thermostat):
+    atoms = _argon()
+    fns, nbrs, potential, masses = _setup(atoms)
+    target = 40.0
+    if thermostat == "langevin":
+        init_fn, step_fn = md.langevin(potential, dt_fs=5.0, temperature_K=target, friction_per_fs=0.01)
+        conserved = None
+    else:
+        init_fn, step_fn, conserved = md.nose_hoover_chain(potential, dt_fs=5.0, temperature_K=target, tau_fs=200.0)
+    # Start far from the target (cold) so that reaching it is the thermostat's doing.
+    velocities = md.maxwell_boltzmann(jax.random.PRNGKey(1), masses, 5.0)
+    state = init_fn(atoms.positions, atoms.cell.array, masses, velocities, nbrs, key=jax.random.PRNGKey(2))
+    _, traj = md.simulate(step_fn, state, 2000, 10, dt_fs=5.0, neighbor_fns=fns, conserved=conserved, progress=False)
+    late = traj.temperature[len(traj.temperature) // 2:]
+    assert abs(late.mean() - target) < 0.1 * target, late.mean()
+    if conserved is not None:  # the extended energy of the deterministic thermostat is conserved
+        assert np.ptp(traj.conserved) < 0.05 * np.ptp(traj.kinetic + traj.potential)
+
+
+def test_blow_up_stops_with_a_message_and_keeps_the_trajectory():
+    atoms = _argon(repeat=2, rattle=0.0)
+    atoms.positions[1] = atoms.positions[0] + [1.2, 0.0, 0.0]  # two atoms far too close
+    fns, nbrs, potential, masses = _setup(atoms)
+    init_fn, step_fn = md.nve(potential, dt_fs=5.0)
+    state = init_fn(atoms.positions, atoms.cell.array, masses, np.zeros((len(atoms), 3)), nbrs)
+    with pytest.warns(RuntimeWarning, match="MD blew up"):
+        last, traj = md.simulate(step_fn, state, 400, 2, dt_fs=5.0, neighbor_fns=fns, max_force=50.0,
+                                 records_per_segment=50, progress=False)
+    assert traj.stopped is not None and "force above" in traj.stopped
+    assert len(traj.time_fs) < 200
+    assert np.isfinite(traj.positions).all() and np.all(traj.max_force <= 50.0)
+    assert np.isfinite(np.asarray(last.positions)).all()
+
+
+def test_neighbor_overflow_is_reallocated_and_replayed():
+    atoms = _argon(rattle=0.3)
+    results = []
+    for multiplier in (1.0, 2.0):  # exactly full: any new pair overflows / ample room
+        fns, nbrs, potential, masses = _setup(atoms, skin=0.3, capacity_multiplier=multiplier)
+        init_fn, step_fn = md.nve(potential, dt_fs=5.0)
+        velocities = md.maxwell_boltzmann(jax.random.PRNGKey(3), masses, 300.0)
+        state = init_fn(atoms.positions, atoms.cell.array, masses, velocities, nbrs)
+        results.append(md.simulate(step_fn, state, 400, 10, dt_fs=5.0, neighbor_fns=fns,
+                                   records_per_segment=5, progress=False)[1])
+    tight, ample = results
+    assert tight.reallocations >= 1 and ample.reallocations == 0
+    np.testing.assert_allclose(tight.positions, ample.positions, atol=1e-4)
+    np.testing.assert_allclose(tight.potential, ample.potential, rtol=1e-5)
