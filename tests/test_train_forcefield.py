@@ -1,0 +1,122 @@
+"""Force-field training: reference energies, resumable runs, NaN stop, the ASE calculator."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+from ase.build import bulk, molecule
+
+import matjax.train.forcefield as tf
+from matjax.config import MLFFConfig, MLFFTrainConfig
+from matjax.data.forcefield import Frame, build_dataset, emt_frames
+from matjax.data.splits import split_indices
+
+MODEL = MLFFConfig(model="invariant", cutoff=4.0, features=16, num_interactions=1, num_rbf=8)
+TRAIN = MLFFTrainConfig(dataset="emt", batch_size=4, epochs=3, learning_rate=3e-3, warmup_epochs=1)
+
+
+@pytest.fixture(scope="module")
+def splits():
+    data = build_dataset(*emt_frames(n_frames=20, seed=1), cutoff=MODEL.cutoff)
+    idx = split_indices(data.ids)
+    return {"train": data.subset(np.concatenate([idx["train"], idx["test"]])), "val": data.subset(idx["val"])}
+
+
+def test_reference_energies_recover_an_additive_model(splits):
+    data = splits["train"]
+    per_element = {29: -3.5, 79: -4.25}
+    counts = [np.bincount(data.graphs.species[a:b], minlength=80) for a, b in
+              zip(np.cumsum(data.n_atoms) - data.n_atoms, np.cumsum(data.n_atoms))]
+    additive = dataclasses.replace(data, energy=np.array([c[29] * -3.5 + c[79] * -4.25 for c in counts]))
+    reference = tf.fit_reference_energies(additive)
+    assert reference[29] == pytest.approx(per_element[29]) and reference[79] == pytest.approx(per_element[79])
+    assert np.count_nonzero(reference) == 2
+
+
+def _leaves_equal(a, b):
+    return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_training_learns_and_a_killed_run_resumes_the_same_trajectory(splits, tmp_path, monkeypatch):
+    _, straight, history = tf.train(MODEL, TRAIN, splits, tmp_path / "straight")
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+
+    epochs = _count_epochs(monkeypatch)
+    make_batch = tf.make_batch
+
+    def crashing(*args, **kwargs):  # the process dies inside the third epoch
+        if epochs["done"] >= 2:
+            raise KeyboardInterrupt
+        return make_batch(*args, **kwargs)
+
+    monkeypatch.setattr(tf, "make_batch", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        tf.train(MODEL, TRAIN, splits, tmp_path / "resumed")
+    monkeypatch.undo()
+    _, resumed, _ = tf.train(MODEL, TRAIN, splits, tmp_path / "resumed")
+    assert int(resumed.epoch) == 3
+    assert _leaves_equal(resumed.params, straight.params) and _leaves_equal(resumed.ema, straight.ema)
+
+
+def _count_epochs(monkeypatch):
+    """Patch ``evaluate`` (once per epoch here) to count finished epochs."""
+    epochs = {"done": 0}
+    evaluate = tf.evaluate
+
+    def counting(*args, **kwargs):
+        epochs["done"] += 1
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(tf, "evaluate", counting)
+    return epochs
+
+
+def test_nan_stops_training_and_keeps_the_last_good_checkpoint(splits, tmp_path, monkeypatch):
+    epochs = _count_epochs(monkeypatch)
+    make_batch = tf.make_batch
+
+    def maybe_nan(data, indices, budget, reference):  # the third epoch's data turn to NaN
+        batch = make_batch(data, indices, budget, reference)
+        if epochs["done"] >= 2:
+            batch["forces"] = batch["forces"] * np.nan
+        return batch
+
+    monkeypatch.setattr(tf, "make_batch", maybe_nan)
+    with pytest.raises(FloatingPointError, match="last good checkpoints"):
+        tf.train(MODEL, TRAIN, splits, tmp_path / "run")
+    model, variables, _ = tf.load_force_field(tmp_path / "run", "latest")
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(variables))
+
+
+def test_calculator_matches_the_model_and_relaxes(splits, tmp_path):
+    from ase.optimize import BFGS
+
+    from matjax.calculators import MatjaxCalculator
+
+    tf.train(MODEL, dataclasses.replace(TRAIN, epochs=1), splits, tmp_path / "run")
+    calc = MatjaxCalculator(tmp_path / "run")
+    atoms = bulk("Cu", "fcc", a=3.7, cubic=True).repeat(2)
+    atoms.numbers[[1, 6]] = 79
+    atoms.rattle(0.05, seed=0)
+    atoms.calc = calc
+    energy, forces, stress = atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress(voigt=False)
+    # The same structure through the training path (graphs from the host).
+    data = build_dataset(["x"], [Frame(atoms.numbers, atoms.positions, atoms.cell.array,
+                                                                   (True,) * 3, 0.0, np.zeros((32, 3)), None)], MODEL.cutoff)
+    budget = tf.budget_for(data.graphs, 1)
+    batch = tf.make_batch(data, [0], budget, np.zeros(119))
+    e_ref, f_ref, s_ref = tf.predict(calc.model, calc.variables, batch["graph"], stress=True)
+    assert energy == pytest.approx(float(e_ref[0]), rel=1e-5)
+    np.testing.assert_allclose(forces, f_ref[:32], atol=1e-5)
+    np.testing.assert_allclose(stress, s_ref[0], atol=1e-6)
+    # Moving an atom updates the result; a relaxation lowers the energy.
+    atoms.positions[0] += [0.1, 0.0, 0.0]
+    assert atoms.get_potential_energy() != energy and not np.allclose(atoms.get_forces(), forces)
+    moved = atoms.get_potential_energy()
+    BFGS(atoms, logfile=None).run(fmax=1e-3, steps=10)
+    assert atoms.get_potential_energy() < moved
+    co = molecule("CO")
+    co.calc = calc  # a molecule: no cell, no stress
+    assert np.isfinite(co.get_potential_energy()) and co.get_forces().shape == (2, 3)
