@@ -66,7 +66,7 @@ class MatjaxCalculator(Calculator):
         positions = np.asarray(atoms.positions, dtype)
         energy, forces, stress, nbrs = self._potential(positions, np.asarray(lattice, dtype), self._nbrs)
         if bool(nbrs.overflow):
-            self._nbrs = self._fns.allocate(atoms.positions, lattice)
+            self._nbrs = self._fns.allocate(atoms.positions, lattice, previous=nbrs)
             energy, forces, stress, nbrs = self._potential(positions, np.asarray(lattice, dtype), self._nbrs)
         self._nbrs = nbrs
         self.results["energy"] = self.results["free_energy"] = float(energy)

@@ -36,7 +36,7 @@ def _argon(repeat=3, rattle=0.05, seed=0):
 
 
 def _setup(atoms, skin=0.5, capacity_multiplier=1.25):
-    fns = neighbor_list(CUTOFF, skin, capacity_multiplier=capacity_multiplier)
+    fns = neighbor_list(CUTOFF, skin, capacity_multiplier=capacity_multiplier, active_multiplier=capacity_multiplier)
     nbrs = fns.allocate(atoms.positions, atoms.cell.array)
     potential = md.neighbor_potential(lennard_jones, atoms.numbers)
     masses = np.full(len(atoms), MASS)

@@ -36,7 +36,7 @@ import numpy as np
 from flax import struct
 from tqdm.auto import tqdm
 
-from matjax.geometry.neighbors import NeighborListFns, update
+from matjax.geometry.neighbors import NeighborListFns, update, within_cutoff
 from matjax.models.mlff import graph_energy_fn
 from matjax.physics.forces import energy_forces_stress
 
@@ -76,8 +76,8 @@ def neighbor_potential(make_energy: Callable, species, stress: bool = True) -> C
     species = jnp.asarray(species)
 
     def potential(positions, lattice, nbrs):
-        nbrs = update(positions, lattice, nbrs)
-        energy_fn = make_energy(nbrs.graph(species))
+        active, nbrs = within_cutoff(positions, lattice, update(positions, lattice, nbrs))
+        energy_fn = make_energy(active.graph(species))
         energies, forces, sigma = energy_forces_stress(energy_fn, positions, lattice[None], stress=stress)
         return energies[0], forces, sigma[0] if stress else jnp.zeros((3, 3), positions.dtype), nbrs
 
@@ -344,8 +344,8 @@ def simulate(
         length = min(records_per_segment, n_records - done)
         new_state, records = jax.device_get(run(state, length))
         if neighbor_fns is not None and bool(new_state.nbrs.overflow):
-            capacity = math.ceil(max(int(new_state.nbrs.count), state.nbrs.capacity) * 1.25)
-            state = state.replace(nbrs=neighbor_fns.allocate(state.positions, state.lattice, capacity=capacity))
+            nbrs = neighbor_fns.allocate(state.positions, state.lattice, previous=new_state.nbrs)
+            state = state.replace(nbrs=nbrs)
             reallocations += 1
             continue
         bad, why = _first_bad(records, max_temperature, max_force)
