@@ -61,13 +61,13 @@ def main() -> None:
     parser.add_argument("--dataset", help="emt, mlearn-<Si|Ge|Li|Mo>, aspirin, 3bpa or water")
     parser.add_argument("--model", choices=["invariant", "painn"])
     parser.add_argument("--epochs", type=int)
-    parser.add_argument("--run-dir", type=Path, help="default runs/mlff-<config>-<dataset>-<model>")
+    parser.add_argument("--out", type=Path, help="run folder; default runs/mlff-<config>-<dataset>-<model>")
     parser.add_argument("--record", type=Path, help="merge the test figures into this results JSON")
     args = parser.parse_args()
     model_cfg, cfg = CONFIGS[args.config]
     cfg = dataclasses.replace(cfg, **{k: v for k, v in [("dataset", args.dataset), ("epochs", args.epochs)] if v})
     model_cfg = dataclasses.replace(model_cfg, model=args.model or model_cfg.model)
-    run_dir = args.run_dir or Path("runs") / f"mlff-{args.config}-{cfg.dataset}-{model_cfg.model}"
+    run_dir = args.out or Path("runs") / f"mlff-{args.config}-{cfg.dataset}-{model_cfg.model}"
 
     start = time.perf_counter()
     splits = load_forcefield(cfg.dataset, model_cfg.cutoff, n_frames=cfg.n_frames)

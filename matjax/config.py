@@ -212,3 +212,27 @@ class IsingConfig:
     n_seeds: int = 4
     far_window: tuple[float, float] = (1.6, 3.2)
     seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class MDConfig:
+    """A molecular-dynamics run (``experiments/run_md.py``, ``matjax.physics.md``).
+
+    ensemble: "nve" (velocity Verlet), "langevin" (BAOAB) or "nhc" (Nose-Hoover chain);
+    system: named starting crystal, repeated ``repeat`` times along each axis;
+    temperature_K: initial (NVE) or target temperature; dt_fs: time step; steps, recorded
+    every ``record_every`` steps; friction_per_fs (Langevin); tau_fs (chain period);
+    skin: neighbour-list skin (Angstrom); seed: velocities and noise.
+    """
+
+    ensemble: str = "nve"
+    system: str = "cu_au"
+    repeat: int = 3
+    temperature_K: float = 300.0
+    dt_fs: float = 2.0
+    steps: int = 10000
+    record_every: int = 20
+    friction_per_fs: float = 0.01
+    tau_fs: float = 100.0
+    skin: float = 0.5
+    seed: int = 0

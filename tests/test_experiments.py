@@ -55,3 +55,15 @@ def test_ising_phase(tmp_path):
     assert abs(summary["tc_binder"] - 2.269185) < 0.15  # crossing of U4 for L = 4 and 8 only
     for name in ("p_ordered", "binder", "pca_pc1", "pca_scatter"):
         assert (tmp_path / f"{name}.png").stat().st_size > 1000
+
+
+def test_train_mlff_then_run_md(tmp_path):
+    run_experiment("train_mlff.py", tmp_path / "ff")
+    metrics = json.loads((tmp_path / "ff" / "test_metrics.json").read_text())
+    assert metrics["force_mae_eV_per_A"] > 0 and (tmp_path / "ff" / "parity.png").stat().st_size > 1000
+    run_experiment("run_md.py", tmp_path / "md", "--model-dir", str(tmp_path / "ff"))
+    summary = json.loads((tmp_path / "md" / "summary.json").read_text())
+    assert summary["stopped"] is None and abs(summary["drift_meV_per_atom_per_ps"]) < 10
+    from ase.io import read
+
+    assert len(read(tmp_path / "md" / "trajectory.extxyz", index=":")) == 10
