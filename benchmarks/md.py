@@ -58,7 +58,7 @@ def copper(n_atoms: int):
 def seed_variables(model, atoms):
     """Random weights; a small energy scale keeps 300 K dynamics gentle."""
     n = len(atoms)
-    variables = model.init(jax.random.PRNGKey(0), np.asarray(atoms.numbers), np.ones((8, 3), np.float32),
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), np.asarray(atoms.numbers), np.ones((8, 3), np.float32),
                            np.zeros(8, np.int32), np.arange(8, dtype=np.int32) % n)
     variables["constants"]["_Constants_0"]["scale"] = np.float32(0.05)
     return variables

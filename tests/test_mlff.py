@@ -32,11 +32,15 @@ def _structure(seed=0):
     return np.array([29, 29, 79, 29]), frac, lattice
 
 
+# One padded size for every batch of these tests: each jitted function compiles once.
+BUDGET = Budget(n_node=24, n_edge=256, n_graph=3)
+
+
 def _batch(graphs):
     """Padded batch; positions and lattice recomputed in the default float precision."""
     graphs = list(graphs)
     packed = pack(graphs)
-    budget = Budget(int(packed.n_node.sum()) + 3, int(packed.n_edge.sum()) + 5, len(graphs) + 1)
+    budget = BUDGET
     batch = graphs_tuple(packed, budget)
     n = int(packed.n_node.sum())
     positions = np.zeros((budget.n_node, 3))
@@ -48,11 +52,20 @@ def _batch(graphs):
     return jax.tree.map(lambda x: jnp.asarray(x, dtype if np.issubdtype(np.asarray(x).dtype, np.floating) else None), batch)
 
 
-def _variables(name, dtype=jnp.float32, seed=0):
-    model = create_model(CONFIGS[name])
+# Module instances are static jit arguments compared by identity: make each once.
+MODELS = {name: create_model(cfg) for name, cfg in CONFIGS.items()}
+
+
+@functools.lru_cache(maxsize=None)
+def _initial_variables(name, seed):
     graph = _batch([build_graph(*_structure(), cutoff=CUTOFF)])
-    variables = model.init(jax.random.PRNGKey(seed), graph.nodes["species"], jnp.ones((graph.senders.shape[0], 3)),
-                           graph.senders, graph.receivers)
+    return jax.jit(MODELS[name].init)(jax.random.PRNGKey(seed), graph.nodes["species"],
+                                      jnp.ones((graph.senders.shape[0], 3)), graph.senders, graph.receivers)
+
+
+def _variables(name, dtype=jnp.float32, seed=0):
+    model = MODELS[name]
+    variables = jax.tree.map(lambda x: x, _initial_variables(name, seed))  # a fresh dict tree
     # Non-trivial constants so that they are exercised.
     variables["constants"]["_Constants_0"]["reference"] = jnp.arange(119.0) * -0.01
     variables["constants"]["_Constants_0"]["scale"] = jnp.array(0.7)
@@ -67,7 +80,7 @@ def _efs(model, variables, graph, stress=True):
 
 def _energy(model, variables, species, frac, lattice, cutoff=CUTOFF, pbc=(True, True, True)):
     graph = _batch([build_graph(species, frac, lattice, cutoff=cutoff, pbc=pbc)])
-    return float(_efs(model, variables, graph, stress=False)[0][0])
+    return float(_efs(model, variables, graph)[0][0])  # with stress: one compilation serves all
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -156,7 +169,7 @@ def test_energy_smooth_when_an_atom_crosses_the_cutoff(name):
     def energy_force(x):
         positions = np.array([[10.0, 10.0, 10.0], [8.6, 10.9, 10.0], [10.0 + x, 10.0, 10.0]])
         graph = _batch([build_graph(species, positions / 30.0, lattice, cutoff=CUTOFF + 1.0, pbc=(False,) * 3)])
-        energies, forces, _ = _efs(model, variables, graph, stress=False)
+        energies, forces, _ = _efs(model, variables, graph)
         return float(energies[0]), np.asarray(forces[2])
 
     # Atom 2 leaves atom 0's sphere at x = CUTOFF; it stays > 3.8 A from atom 1.

@@ -160,7 +160,7 @@ def init_state(model: nn.Module, optimizer, key, constants: dict, example: dict)
     """Fresh parameters (``constants`` replace the model's zero defaults)."""
     graph = example["graph"]
     vectors = jnp.ones((graph.senders.shape[0], 3))
-    params = model.init(key, graph.nodes["species"], vectors, graph.senders, graph.receivers)["params"]
+    params = jax.jit(model.init)(key, graph.nodes["species"], vectors, graph.senders, graph.receivers)["params"]
     return TrainState(
         step=jnp.array(0), epoch=jnp.array(0), params=params, ema=params,
         opt_state=optimizer.init(params), constants=constants,
