@@ -30,8 +30,8 @@ CONFIGS = {
     ),
     "mlearn": (
         MLFFConfig(model="painn", features=64, num_interactions=3, num_rbf=20),
-        MLFFTrainConfig(dataset="mlearn-Si", batch_size=2, epochs=500, learning_rate=2e-3, force_weight=30.0,
-                        stress_weight=0.0, ema_decay=0.995, warmup_epochs=5, eval_every=5),
+        MLFFTrainConfig(dataset="mlearn-Si", batch_size=2, epochs=300, learning_rate=3e-3, energy_weight=1000.0,
+                        force_weight=1.0, stress_weight=0.0, ema_decay=0.995, warmup_epochs=5, eval_every=5),
     ),
     "aspirin": (
         MLFFConfig(model="painn", features=128, num_interactions=3, num_rbf=20),
