@@ -67,7 +67,7 @@ class MLFFConfig:
     num_rbf: int = 50
     envelope_p: int = 6
     avg_neighbors: float = 1.0
-    edge_chunk: int = 2048
+    edge_chunk: int = 4096
 
 
 @dataclasses.dataclass(frozen=True)
