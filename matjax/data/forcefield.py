@@ -32,7 +32,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from matjax.data.dataset import report_skipped
-from matjax.data.graphs import PackedGraphs, build_graph, pack, take
+from matjax.data.graphs import PackedGraphs, build_graph, pack, ragged_arange, take
 from matjax.data.sources import shared_data_dir
 from matjax.data.splits import hash_bucket, split_indices
 
@@ -250,10 +250,10 @@ class ForceFieldData:
     def subset(self, indices) -> "ForceFieldData":
         indices = np.asarray(indices, dtype=np.int64)
         start = np.cumsum(self.graphs.n_node) - self.graphs.n_node
-        nodes = np.concatenate([np.arange(start[i], start[i] + self.graphs.n_node[i]) for i in indices] or [[]])
+        nodes = ragged_arange(start[indices], self.graphs.n_node[indices])
         return dataclasses.replace(
             self, ids=self.ids[indices], graphs=take(self.graphs, indices), energy=self.energy[indices],
-            forces=self.forces[nodes.astype(np.int64)], stress=self.stress[indices],
+            forces=self.forces[nodes], stress=self.stress[indices],
         )
 
 
