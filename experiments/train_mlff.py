@@ -29,9 +29,9 @@ CONFIGS = {
         MLFFTrainConfig(dataset="emt", n_frames=30, epochs=2, batch_size=4),
     ),
     "mlearn": (
-        MLFFConfig(model="painn", features=64, num_interactions=3, num_rbf=20),
-        MLFFTrainConfig(dataset="mlearn-Si", batch_size=2, epochs=300, learning_rate=3e-3, energy_weight=1000.0,
-                        force_weight=1.0, stress_weight=0.0, ema_decay=0.995, warmup_epochs=5, eval_every=5),
+        MLFFConfig(model="painn", features=128, num_interactions=3, num_rbf=20),
+        MLFFTrainConfig(dataset="mlearn-Si", batch_size=2, epochs=400, learning_rate=3e-3, energy_weight=30.0,
+                        force_weight=1.0, ema_decay=0.995, warmup_epochs=5, eval_every=10),
     ),
     "aspirin": (
         MLFFConfig(model="painn", features=128, num_interactions=3, num_rbf=20),
