@@ -74,7 +74,7 @@ def main() -> None:
     print({k: len(v) for k, v in splits.items()}, "structures")
     model, best, history = train(model_cfg, cfg, splits, run_dir)
     budget = budget_for(splits["train"].graphs, cfg.batch_size)
-    test = evaluate(make_eval_step(model, cfg.stress_weight > 0 or cfg.dataset.startswith("mlearn")),
+    test = evaluate(make_eval_step(model.cfg, cfg.stress_weight > 0 or cfg.dataset.startswith("mlearn")),
                     best.variables(), splits["test"], budget)
     figures = scalar_metrics(test) | {"wall_time_s": round(time.perf_counter() - start, 1), "epochs": int(best.epoch)}
     (run_dir / "test_metrics.json").write_text(json.dumps(figures, indent=2) + "\n")

@@ -103,12 +103,15 @@ def test_blow_up_stops_with_a_message_and_keeps_the_trajectory():
 def test_neighbor_overflow_is_reallocated_and_replayed():
     atoms = _argon(rattle=0.3)
     results = []
-    for multiplier in (1.0, 2.0):  # exactly full: any new pair overflows / ample room
-        fns, nbrs, potential, masses = _setup(atoms, skin=0.3, capacity_multiplier=multiplier)
+    # A list allocated exactly full (any new pair overflows), then one with ample room;
+    # both runs re-allocate with the ample settings.
+    for multiplier in (1.0, 2.0):
+        _, nbrs, potential, masses = _setup(atoms, skin=0.3, capacity_multiplier=multiplier)
+        fns = neighbor_list(CUTOFF, 0.3, capacity_multiplier=2.0, active_multiplier=2.0)
         init_fn, step_fn = md.nve(potential, dt_fs=5.0)
         velocities = md.maxwell_boltzmann(jax.random.PRNGKey(3), masses, 300.0)
         state = init_fn(atoms.positions, atoms.cell.array, masses, velocities, nbrs)
-        results.append(md.simulate(step_fn, state, 400, 10, dt_fs=5.0, neighbor_fns=fns,
+        results.append(md.simulate(step_fn, state, 300, 10, dt_fs=5.0, neighbor_fns=fns,
                                    records_per_segment=5, progress=False)[1])
     tight, ample = results
     assert tight.reallocations >= 1 and ample.reallocations == 0

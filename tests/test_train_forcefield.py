@@ -23,6 +23,14 @@ def splits():
     return {"train": data.subset(np.concatenate([idx["train"], idx["test"]])), "val": data.subset(idx["val"])}
 
 
+@pytest.fixture(scope="module")
+def straight_run(splits, tmp_path_factory):
+    """(run folder, best state, history) of one uninterrupted training run."""
+    run = tmp_path_factory.mktemp("straight")
+    _, best, history = tf.train(MODEL, TRAIN, splits, run)
+    return run, best, history
+
+
 def test_reference_energies_recover_an_additive_model(splits):
     data = splits["train"]
     per_element = {29: -3.5, 79: -4.25}
@@ -38,8 +46,8 @@ def _leaves_equal(a, b):
     return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-def test_training_learns_and_a_killed_run_resumes_the_same_trajectory(splits, tmp_path, monkeypatch):
-    _, straight, history = tf.train(MODEL, TRAIN, splits, tmp_path / "straight")
+def test_training_learns_and_a_killed_run_resumes_the_same_trajectory(splits, straight_run, tmp_path, monkeypatch):
+    _, straight, history = straight_run
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
 
@@ -90,13 +98,12 @@ def test_nan_stops_training_and_keeps_the_last_good_checkpoint(splits, tmp_path,
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(variables))
 
 
-def test_calculator_matches_the_model_and_relaxes(splits, tmp_path):
+def test_calculator_matches_the_model_and_relaxes(straight_run):
     from ase.optimize import BFGS
 
     from matjax.calculators import MatjaxCalculator
 
-    tf.train(MODEL, dataclasses.replace(TRAIN, epochs=1), splits, tmp_path / "run")
-    calc = MatjaxCalculator(tmp_path / "run")
+    calc = MatjaxCalculator(straight_run[0])
     atoms = bulk("Cu", "fcc", a=3.7, cubic=True).repeat(2)
     atoms.numbers[[1, 6]] = 79
     atoms.rattle(0.05, seed=0)

@@ -15,6 +15,7 @@ total of -17,600 eV (aspirin) would carry ~2 meV of rounding, as much as the mod
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from pathlib import Path
@@ -167,8 +168,10 @@ def init_state(model: nn.Module, optimizer, key, constants: dict, example: dict)
     )
 
 
-def make_train_step(model: nn.Module, optimizer, cfg: MLFFTrainConfig):
-    """Jitted (state, batch) -> (state, loss)."""
+@functools.lru_cache(maxsize=8)
+def make_train_step(model_cfg: MLFFConfig, cfg: MLFFTrainConfig, steps_per_epoch: int):
+    """Jitted (state, batch) -> (state, loss); cached, so runs of one configuration compile once."""
+    model, optimizer = create_model(model_cfg), create_optimizer(cfg, steps_per_epoch)
 
     @jax.jit
     def train_step(state: TrainState, batch: dict):
@@ -182,8 +185,10 @@ def make_train_step(model: nn.Module, optimizer, cfg: MLFFTrainConfig):
     return train_step
 
 
-def make_eval_step(model: nn.Module, stress: bool):
-    """Jitted (variables, batch) -> masked errors and predictions."""
+@functools.lru_cache(maxsize=8)
+def make_eval_step(model_cfg: MLFFConfig, stress: bool):
+    """Jitted (variables, batch) -> masked errors and predictions; cached like ``make_train_step``."""
+    model = create_model(model_cfg)
     return jax.jit(lambda variables, batch: batch_errors(model, variables, batch, stress))
 
 
@@ -288,7 +293,8 @@ def train(model_cfg: MLFFConfig, cfg: MLFFTrainConfig, splits: dict[str, ForceFi
     state = init_state(model, optimizer, jax.random.PRNGKey(cfg.seed), constants, make_batch(train_data, [0], budget, reference))
     checkpointer = Checkpointer(run_dir / "checkpoints")
     state = checkpointer.restore(state) or state
-    train_step, eval_step = make_train_step(model, optimizer, cfg), make_eval_step(model, cfg.stress_weight > 0)
+    train_step = make_train_step(model_cfg, cfg, steps_per_epoch)
+    eval_step = make_eval_step(model_cfg, cfg.stress_weight > 0)
     history_path = run_dir / "history.jsonl"
     rng = np.random.default_rng(cfg.seed)
     for _ in range(int(state.epoch)):
