@@ -3,7 +3,7 @@
     python experiments/run_md.py                     # NVE, Cu-Au alloy, the default EMT-trained model
     python experiments/run_md.py --config test       # seconds, CPU
     python experiments/run_md.py --ensemble langevin --temperature 600
-    python experiments/run_md.py --model-dir runs/mlff-mlearn-mlearn-Si-painn --system si --record benchmarks/results/mlff_nve.json
+    python experiments/run_md.py --config si_nve --model-dir runs/mlff-mlearn-mlearn-Si-painn --record benchmarks/results/mlff_nve.json
 
 Trains the default model first if ``--model-dir`` holds none. Writes <out>/trajectory.extxyz
 (readable by ASE), observables.csv, md.png and summary.json (energy drift per atom and
@@ -32,6 +32,8 @@ from matjax.train.forcefield import load_force_field
 CONFIGS = {
     "default": MDConfig(ensemble="nve", system="cu_au", repeat=3, temperature_K=600.0, dt_fs=2.0, steps=10000, record_every=20),
     "test": MDConfig(ensemble="nve", system="cu_au", repeat=2, temperature_K=300.0, dt_fs=2.0, steps=100, record_every=10),
+    # NVE of 64-atom diamond Si with the mlearn-Si model: 10 ps at 1 fs from 600 K.
+    "si_nve": MDConfig(ensemble="nve", system="si", repeat=2, temperature_K=600.0, dt_fs=1.0, steps=10000, record_every=20),
 }
 DEFAULT_RUN = Path("runs/mlff-default-emt-invariant")
 
