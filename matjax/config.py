@@ -78,7 +78,9 @@ class MLFFTrainConfig:
     + stress_weight * mean(|d sigma|^2) / 9 (eV, Angstrom; stress only where labelled).
     Adam with a linear warm-up then cosine decay to final_lr_fraction * learning_rate;
     gradients clipped to grad_clip (global norm); evaluation uses an exponential moving
-    average of the parameters (ema_decay). Checkpoints every ``eval_every`` epochs.
+    average of the parameters (ema_decay). Checkpoints every ``eval_every`` epochs;
+    time_budget_s: stop after the first epoch that ends past this much training time
+    (None: no limit).
     """
 
     dataset: str = "emt"
@@ -94,6 +96,7 @@ class MLFFTrainConfig:
     grad_clip: float = 10.0
     ema_decay: float = 0.99
     eval_every: int = 1
+    time_budget_s: float | None = None
     seed: int = 0
 
 

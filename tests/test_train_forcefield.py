@@ -127,3 +127,9 @@ def test_calculator_matches_the_model_and_relaxes(straight_run):
     co = molecule("CO")
     co.calc = calc  # a molecule: no cell, no stress
     assert np.isfinite(co.get_potential_energy()) and co.get_forces().shape == (2, 3)
+
+
+def test_time_budget_stops_after_one_epoch_with_a_checkpoint(splits, tmp_path):
+    _, best, history = tf.train(MODEL, dataclasses.replace(TRAIN, time_budget_s=0.0), splits, tmp_path / "run")
+    assert [h["epoch"] for h in history] == [1] and int(best.epoch) == 1
+    assert int(tf.load_force_field(tmp_path / "run", "latest")[2].num_interactions) == MODEL.num_interactions

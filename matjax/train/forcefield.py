@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import json
 import math
+import time
 from pathlib import Path
 
 import flax.linen as nn
@@ -36,7 +37,7 @@ from matjax.data.graphs import take
 from matjax.geometry.periodic import node_graph_index
 from matjax.models.mlff import MAX_Z, create_model, graph_energy_fn
 from matjax.physics.forces import energy_forces_stress
-from matjax.train.checkpoint import Checkpointer
+from matjax.train.checkpoint import Checkpointer, config_to_dict
 
 
 class TrainState(struct.PyTreeNode):
@@ -230,10 +231,14 @@ def scalar_metrics(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, float)}
 
 
+def run_configs(model_cfg: MLFFConfig, train_cfg: MLFFTrainConfig) -> dict:
+    """The JSON-ready configs a run's checkpoints are tagged with."""
+    return {"model": config_to_dict(model_cfg), "train": config_to_dict(train_cfg)}
+
+
 def save_run_config(run_dir: Path, model_cfg: MLFFConfig, train_cfg: MLFFTrainConfig) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    config = {"model": dataclasses.asdict(model_cfg), "train": dataclasses.asdict(train_cfg)}
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    (run_dir / "config.json").write_text(json.dumps(run_configs(model_cfg, train_cfg), indent=2))
 
 
 def load_run_config(run_dir: str | Path) -> tuple[MLFFConfig, MLFFTrainConfig]:
@@ -259,12 +264,11 @@ def load_force_field(run_dir: str | Path, which: str = "best") -> tuple[nn.Modul
     model_cfg, train_cfg = load_run_config(run_dir)
     model = create_model(model_cfg)
     target = _abstract_state(model, model_cfg, train_cfg, Budget(8, 8, 2), 1)
-    checkpointer = Checkpointer(run_dir / "checkpoints")
-    state = checkpointer.restore(target, which)
-    checkpointer.close()
-    if state is None:
+    with Checkpointer(run_dir / "checkpoints", run_configs(model_cfg, train_cfg)) as checkpointer:
+        restored = checkpointer.restore(which, target, compare=("model",))
+    if restored is None:
         raise FileNotFoundError(f"no {which} checkpoint under {run_dir / 'checkpoints'}")
-    return model, state.variables(), model_cfg
+    return model, restored[0].variables(), model_cfg
 
 
 def train(model_cfg: MLFFConfig, cfg: MLFFTrainConfig, splits: dict[str, ForceFieldData], run_dir: str | Path):
@@ -274,7 +278,9 @@ def train(model_cfg: MLFFConfig, cfg: MLFFTrainConfig, splits: dict[str, ForceFi
     split. Each evaluation saves the latest state and, if the validation loss improved,
     the best; a non-finite loss stops the run with FloatingPointError and the last good
     checkpoints intact. A run restarted with the same ``run_dir`` resumes at its latest
-    checkpoint and reshuffles exactly as the uninterrupted run would have.
+    checkpoint and reshuffles exactly as the uninterrupted run would have. With
+    ``cfg.time_budget_s`` the run stops (evaluated and saved) after the first epoch that
+    ends past that much training time, summed over resumed sessions.
     """
     run_dir = Path(run_dir)
     train_data, val_data = splits["train"], splits["val"]
@@ -291,8 +297,12 @@ def train(model_cfg: MLFFConfig, cfg: MLFFTrainConfig, splits: dict[str, ForceFi
         "reference": jnp.asarray(reference, jnp.float32), "scale": jnp.asarray(stats["force_rms"], jnp.float32),
     }}
     state = init_state(model, optimizer, jax.random.PRNGKey(cfg.seed), constants, make_batch(train_data, [0], budget, reference))
-    checkpointer = Checkpointer(run_dir / "checkpoints")
-    state = checkpointer.restore(state) or state
+    checkpointer = Checkpointer(run_dir / "checkpoints", run_configs(model_cfg, cfg))
+    restored = checkpointer.restore("latest", state)
+    state, progress = restored if restored is not None else (state, {"train_s": 0.0})
+    best_record = checkpointer.record("best")
+    best_loss = best_record["val_loss"] if best_record is not None else math.inf
+    session_start = time.perf_counter() - progress["train_s"]
     train_step = make_train_step(model_cfg, cfg, steps_per_epoch)
     eval_step = make_eval_step(model_cfg, cfg.stress_weight > 0)
     history_path = run_dir / "history.jsonl"
@@ -313,15 +323,24 @@ def train(model_cfg: MLFFConfig, cfg: MLFFTrainConfig, splits: dict[str, ForceFi
                 f"{run_dir / 'checkpoints'} are kept (lower the learning rate or check the data)"
             )
         state = state.replace(epoch=jnp.array(epoch + 1))
-        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+        train_s = time.perf_counter() - session_start
+        out_of_time = cfg.time_budget_s is not None and train_s > cfg.time_budget_s
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs or out_of_time:
             val = scalar_metrics(evaluate(eval_step, state.variables(), val_data, budget))
             val_loss = cfg.energy_weight * (val["energy_mae_meV_per_atom"] / 1e3) ** 2 + cfg.force_weight * val["force_mae_eV_per_A"] ** 2
-            checkpointer.save(int(state.step), state, val_loss)
-            record = {"epoch": epoch + 1, "train_loss": train_loss, **{f"val_{k}": v for k, v in val.items()}}
+            record = {"epoch": epoch + 1, "train_loss": train_loss, "train_s": round(train_s, 1), **{f"val_{k}": v for k, v in val.items()}}
+            checkpointer.save("latest", int(state.step), state, {"train_s": train_s})
+            if val_loss < best_loss:
+                best_loss = val_loss
+                checkpointer.save("best", int(state.step), state, {"val_loss": val_loss, "epoch": epoch + 1})
             with history_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
             bar.set_postfix(loss=f"{train_loss:.3g}", E=f"{val['energy_mae_meV_per_atom']:.2f}", F=f"{val['force_mae_eV_per_A']:.4f}")
-    best = checkpointer.restore(state, "best")
+        if out_of_time:
+            tqdm.write(f"time budget of {cfg.time_budget_s:.0f} s reached after epoch {epoch + 1} of {cfg.epochs}")
+            break
+    checkpointer.wait()
+    best, _ = checkpointer.restore("best", state)
     checkpointer.close()
     history = [json.loads(line) for line in history_path.read_text().splitlines()] if history_path.exists() else []
     return model, best, history
