@@ -41,16 +41,17 @@ CONFIGS = {
 }
 
 
-def record(path: Path, cfg: MLFFTrainConfig, model_cfg: MLFFConfig, test: dict) -> None:
+def record(path: Path, cfg: MLFFTrainConfig, model_cfg: MLFFConfig, figures: dict) -> None:
     """Merge the test figures into a results JSON (mlearn: one entry per element)."""
     results = json.loads(path.read_text()) if path.exists() else {}
+    run = {k: figures[k] for k in ("epochs_run", "epochs_planned", "best_epoch", "wall_time_s")} | {"model": model_cfg.model}
     if cfg.dataset.startswith("mlearn-"):
         results[cfg.dataset.split("-", 1)[1]] = {
-            k: test[k] for k in ("energy_mae_meV_per_atom", "force_mae_eV_per_A", "stress_mae_GPa")
-        } | {"model": model_cfg.model}
+            k: figures[k] for k in ("energy_mae_meV_per_atom", "force_mae_eV_per_A", "stress_mae_GPa")
+        } | run
     else:
-        results.update(force_mae_meV_per_A=1e3 * test["force_mae_eV_per_A"], energy_mae_meV=test["energy_mae_meV"],
-                       model=model_cfg.model, dataset=cfg.dataset)
+        results.update(force_mae_meV_per_A=1e3 * figures["force_mae_eV_per_A"], energy_mae_meV=figures["energy_mae_meV"],
+                       dataset=cfg.dataset, **run)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2) + "\n")
 
@@ -61,11 +62,12 @@ def main() -> None:
     parser.add_argument("--dataset", help="emt, mlearn-<Si|Ge|Li|Mo>, aspirin, 3bpa or water")
     parser.add_argument("--model", choices=["invariant", "painn"])
     parser.add_argument("--epochs", type=int)
+    parser.add_argument("--time-budget", type=float, help="seconds of training after which the run stops")
     parser.add_argument("--out", type=Path, help="run folder; default runs/mlff-<config>-<dataset>-<model>")
     parser.add_argument("--record", type=Path, help="merge the test figures into this results JSON")
     args = parser.parse_args()
     model_cfg, cfg = CONFIGS[args.config]
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in [("dataset", args.dataset), ("epochs", args.epochs)] if v})
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in [("dataset", args.dataset), ("epochs", args.epochs), ("time_budget_s", args.time_budget)] if v is not None})
     model_cfg = dataclasses.replace(model_cfg, model=args.model or model_cfg.model)
     run_dir = args.out or Path("runs") / f"mlff-{args.config}-{cfg.dataset}-{model_cfg.model}"
 
@@ -76,12 +78,15 @@ def main() -> None:
     budget = budget_for(splits["train"].graphs, cfg.batch_size)
     test = evaluate(make_eval_step(model.cfg, cfg.stress_weight > 0 or cfg.dataset.startswith("mlearn")),
                     best.variables(), splits["test"], budget)
-    figures = scalar_metrics(test) | {"wall_time_s": round(time.perf_counter() - start, 1), "epochs": int(best.epoch)}
+    figures = scalar_metrics(test) | {
+        "wall_time_s": round(time.perf_counter() - start, 1), "epochs_planned": cfg.epochs,
+        "epochs_run": history[-1]["epoch"] if history else 0, "best_epoch": int(best.epoch),
+    }
     (run_dir / "test_metrics.json").write_text(json.dumps(figures, indent=2) + "\n")
     plot_parity(test, run_dir / "parity.png", f"{cfg.dataset} test, {model_cfg.model}")
     print(json.dumps(figures))
     if args.record:
-        record(args.record, cfg, model_cfg, test)
+        record(args.record, cfg, model_cfg, figures)
 
 
 if __name__ == "__main__":
