@@ -46,6 +46,7 @@ class DiscoveryConfig:
     allowed_elements: tuple[str, ...] | None = None
     max_per_formula: int | None = None
     hit_tolerance: float = 0.0
+    seed: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
