@@ -239,4 +239,52 @@ class MDConfig:
     friction_per_fs: float = 0.01
     tau_fs: float = 100.0
     skin: float = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEConfig:
+    """Crystal VAE (``matjax.models.vae``): CGCNN encoder -> z -> composition, size, lattice, properties.
+
+    encoder: the CGCNN trunk (graph, widths, convolutions); its output layer is replaced by
+    the 2 * latent_dim posterior parameters (mu, log-variance). latent_dim: size of z;
+    decoder_features / decoder_layers: the MLP from z shared by the composition, n_atoms
+    and lattice heads; property_features: width of the property MLP on z; max_atoms:
+    largest cell the n_atoms head can decode (classes 1..max_atoms); targets: properties
+    predicted from z, e.g. ("band_gap", "formation_energy_per_atom").
+    Loss weights: beta (KL, reached after kl_warmup_epochs of linear warm-up from 0),
+    composition_weight, n_atoms_weight, lattice_weight, property_weight.
+    """
+
+    encoder: CGCNNConfig = CGCNNConfig(graph=GraphConfig(cutoff=8.0, max_neighbors=12, num_rbf=41))
+    latent_dim: int = 32
+    decoder_features: int = 256
+    decoder_layers: int = 2
+    property_features: int = 128
+    max_atoms: int = 20
+    targets: tuple[str, ...] = ("band_gap", "formation_energy_per_atom")
+    beta: float = 0.01
+    kl_warmup_epochs: int = 10
+    composition_weight: float = 1.0
+    n_atoms_weight: float = 1.0
+    lattice_weight: float = 1.0
+    property_weight: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentDesignConfig:
+    """Inverse design in a VAE's latent space (``matjax.discovery.latent_design``).
+
+    property: the target column optimised; n_starts: latent starts drawn from the prior,
+    optimised together in one vmapped program; steps / learning_rate: Adam on z;
+    prior_weight: lambda of the in-distribution penalty lambda * ||z||^2 / 2 (the negative
+    log prior up to a constant); tolerance: a candidate hits when |property - target| <=
+    tolerance; seed.
+    """
+
+    property: str = "band_gap"
+    n_starts: int = 256
+    steps: int = 200
+    learning_rate: float = 0.05
+    prior_weight: float = 0.1
+    tolerance: float = 0.3
     seed: int = 0

@@ -1,0 +1,347 @@
+"""Training and using a crystal VAE (``matjax.models.vae``).
+
+``fit_vae`` trains one VAE with AdamW (``matjax.train.loop.create_optimizer``), a linear KL
+warm-up, reduce-on-plateau on the validation loss and orbax checkpoints
+(``matjax.train.checkpoint``): "latest" (the full training state, every epoch end; a
+killed run started again resumes at the next epoch) and "best" (the variables of the
+epoch with the lowest validation loss, evaluated at the full beta). The step is one
+jitted program over static padded batches, so it compiles once.
+
+Randomness is explicit: the reparameterisation key of training step s is
+``fold_in(PRNGKey(seed), s)`` and of validation batch b ``fold_in(PRNGKey(seed + 1), b)``;
+batches follow the permutation drawn from (seed, epoch). A run is a function of its
+seed, and a resumed run repeats the uninterrupted one.
+
+``TrainedVAE`` wraps the best variables with the scalers for encoding crystals, decoding
+latents to (composition, n_atoms, lattice) and predicting properties in physical units.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import time
+from pathlib import Path
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import jraph
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from matjax.config import TrainConfig, VAEConfig
+from matjax.data.batching import budget_for, iterate_batches
+from matjax.data.dataset import Dataset
+from matjax.data.graphs import PackedGraphs, concat
+from matjax.models.vae import N_ELEMENTS, CrystalVAE, LatticeScaler, apportion, create_vae, kl_weight, lattice_parameters, vae_loss
+from matjax.train.checkpoint import Checkpointer, abstract_like, config_from_dict, config_to_dict
+from matjax.train.loop import NonFiniteLossError, TrainState, check_split, create_optimizer, create_plateau
+from matjax.train.losses import TargetScaler
+from matjax.train.sharding import DeviceBatcher, data_mesh, replicated
+
+log = logging.getLogger("matjax")
+TERMS = ("composition", "n_atoms", "lattice", "property", "kl")
+
+
+class DecodedCrystals(NamedTuple):
+    """S decoded latents (numpy): n_atoms [S]; counts [S, N_ELEMENTS] atoms per Z (sum n_atoms);
+    composition [S, N_ELEMENTS] the decoded element distribution; lattice [S, 6] (a, b, c in
+    Angstrom, alpha, beta, gamma in degrees)."""
+
+    n_atoms: np.ndarray
+    counts: np.ndarray
+    composition: np.ndarray
+    lattice: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedVAE:
+    """A trained VAE with the scalers of its training data; all inputs and outputs host numpy."""
+
+    model: CrystalVAE
+    variables: dict
+    property_scaler: TargetScaler
+    lattice_scaler: LatticeScaler
+
+    @property
+    def config(self) -> VAEConfig:
+        return self.model.config
+
+    def encode(self, graphs: PackedGraphs, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+        """(mu [M, d], logvar [M, d]) of every graph, in order (eval mode)."""
+        mu, logvar = [], []
+        order = []
+        for idx, batch in iterate_batches(graphs, budget_for(graphs, batch_size)):
+            m, lv = _encode(self.model, self.variables, jax.tree.map(jnp.asarray, batch))
+            mu.append(np.asarray(m)[: len(idx)])
+            logvar.append(np.asarray(lv)[: len(idx)])
+            order.append(idx)
+        inverse = np.argsort(np.concatenate(order))
+        return np.concatenate(mu)[inverse], np.concatenate(logvar)[inverse]
+
+    def decode(self, z: np.ndarray) -> DecodedCrystals:
+        """The most likely n_atoms, element counts apportioned to it, and the lattice of latents z [S, d]."""
+        return DecodedCrystals(*map(np.asarray, _decode(self.model, self.variables, self.lattice_scaler, jnp.asarray(z))))
+
+    def predict_properties(self, z: np.ndarray) -> np.ndarray:
+        """[S, T] properties (physical units) of latents z [S, d], from the VAE's own head."""
+        return self.property_scaler.inverse(np.asarray(_properties(self.model, self.variables, jnp.asarray(z))))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode(model, variables, graph):
+    return model.apply(variables, graph, method=model.encode)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _properties(model, variables, z):
+    return model.apply(variables, z, method=model.predict_properties)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _decode(model, variables, lattice_scaler, z):
+    composition_logits, n_atoms_logits, lattice = model.apply(variables, z, method=model.decode)
+    n_atoms = jnp.argmax(n_atoms_logits, -1) + 1
+    composition = jax.nn.softmax(composition_logits)
+    return n_atoms, apportion(composition, n_atoms), composition, lattice_scaler.inverse(lattice, n_atoms)
+
+
+def graph_counts(graphs: PackedGraphs) -> np.ndarray:
+    """[M, N_ELEMENTS] number of atoms of each Z in each graph."""
+    graph_index = np.repeat(np.arange(len(graphs)), graphs.n_node)
+    counts = np.zeros((len(graphs), N_ELEMENTS), dtype=np.int64)
+    np.add.at(counts, (graph_index, graphs.species), 1)
+    return counts
+
+
+def graph_lattice_parameters(graphs: PackedGraphs) -> np.ndarray:
+    """[M, 6] lattice parameters of every graph (a, b, c in Angstrom, angles in degrees)."""
+    return np.asarray(lattice_parameters(jnp.asarray(graphs.lattice, jnp.float32)), dtype=np.float64)
+
+
+def reconstruction_metrics(trained: TrainedVAE, dataset: Dataset, reference: Dataset) -> dict:
+    """How well crystals survive encode (mu) -> decode, with the baselines from ``reference`` (train).
+
+    composition_accuracy: decoded element fractions (counts / decoded n_atoms) equal the true
+    ones exactly; cell_accuracy: counts and n_atoms both exact; n_atoms_accuracy;
+    lattice_mae: mean |error| of the six lattice parameters in the decoder's normalised
+    units (per-atom lengths and angles, each over its training std); lattice_length_mae
+    (Angstrom) and lattice_angle_mae (degrees) in physical units with the decoded n_atoms.
+    Baselines: the most common training composition and n_atoms, and the training-mean lattice.
+    """
+    mu, _ = trained.encode(dataset.graphs)
+    decoded = trained.decode(mu)
+    counts, n_atoms = graph_counts(dataset.graphs), dataset.graphs.n_node
+    params = graph_lattice_parameters(dataset.graphs)
+    same_fractions = lambda c, n: np.all(c * n_atoms[:, None] == counts * np.asarray(n)[:, None], axis=1)  # noqa: E731
+    scaler = trained.lattice_scaler
+    target = np.asarray(scaler.transform(params, n_atoms.astype(np.float64)))
+    predicted = np.asarray(scaler.transform(decoded.lattice, decoded.n_atoms.astype(np.float64)))
+    ref_counts, ref_n = graph_counts(reference.graphs), reference.graphs.n_node
+    fractions, index = np.unique(ref_counts / ref_n[:, None], axis=0, return_inverse=True)
+    common = fractions[np.bincount(index.ravel()).argmax()]
+    return {
+        "composition_accuracy": float(same_fractions(decoded.counts, decoded.n_atoms).mean()),
+        "cell_accuracy": float(np.mean(np.all(decoded.counts == counts, axis=1))),
+        "n_atoms_accuracy": float(np.mean(decoded.n_atoms == n_atoms)),
+        "lattice_mae": float(np.abs(predicted - target).mean()),
+        "lattice_length_mae": float(np.abs(decoded.lattice[:, :3] - params[:, :3]).mean()),
+        "lattice_angle_mae": float(np.abs(decoded.lattice[:, 3:] - params[:, 3:]).mean()),
+        "baseline_composition_accuracy": float(np.mean(np.all(np.isclose(counts / n_atoms[:, None], common), axis=1))),
+        "baseline_n_atoms_accuracy": float(np.mean(n_atoms == np.bincount(ref_n).argmax())),
+        "baseline_lattice_mae": float(np.abs(target).mean()),
+    }
+
+
+@dataclasses.dataclass
+class VAEFitResult:
+    """Outcome of ``fit_vae``: the best-validation VAE and the per-epoch log."""
+
+    trained: TrainedVAE
+    history: list[dict]
+    best_epoch: int
+    stop_reason: str
+    wall_s: float
+
+
+def _check_sizes(name: str, dataset: Dataset, max_atoms: int) -> None:
+    big = np.flatnonzero(dataset.graphs.n_node > max_atoms)
+    if len(big):
+        shown = ", ".join(f"{dataset.ids[i]} ({dataset.graphs.n_node[i]} atoms)" for i in big[:5])
+        raise ValueError(f"{len(big)} crystal(s) in the {name} split exceed max_atoms = {max_atoms}: {shown}")
+
+
+def _make_steps(model, tx, lattice_scaler: LatticeScaler, config: VAEConfig, warmup_steps: int, seed: int):
+    """(train_step, eval_step), jitted over one padded batch [1, ...] (a one-device DeviceBatcher step)."""
+    train_key, eval_key = jax.random.PRNGKey(seed), jax.random.PRNGKey(seed + 1)
+
+    def add(sums, terms, loss, mask_count, nonfinite=0):
+        new = {name: sums[name] + terms[name] * mask_count for name in TERMS}
+        return {**new, "loss": sums["loss"] + loss * mask_count, "count": sums["count"] + mask_count, "nonfinite": sums["nonfinite"] + nonfinite}
+
+    def train_step(state: TrainState, sums: dict, batch):
+        batch = jax.tree.map(lambda x: x[0], batch)
+        beta = kl_weight(state.step, config.beta, warmup_steps)
+        key = jax.random.fold_in(train_key, state.step)
+
+        def loss_fn(params):
+            out, updated = model.apply(
+                {"params": params, "batch_stats": state.batch_stats}, batch, key, train=True, mutable=["batch_stats"]
+            )
+            loss, terms = vae_loss(out, batch, lattice_scaler, config, beta)
+            return loss, (updated["batch_stats"], terms)
+
+        (loss, (batch_stats, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        updates = jax.tree.map(lambda u: state.plateau.scale * u, updates)
+        new = state.replace(
+            step=state.step + 1, params=optax.apply_updates(state.params, updates), batch_stats=batch_stats, opt_state=opt_state
+        )
+        finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
+        new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
+        count = jnp.sum(jraph.get_graph_padding_mask(batch)).astype(jnp.float32)
+        return new, add(sums, jax.tree.map(lambda t: jnp.where(finite, t, 0.0), terms), jnp.where(finite, loss, 0.0), count, ~finite)
+
+    def eval_step(variables, sums: dict, batch, index):
+        batch = jax.tree.map(lambda x: x[0], batch)
+        out = model.apply(variables, batch, jax.random.fold_in(eval_key, index), train=False)
+        loss, terms = vae_loss(out, batch, lattice_scaler, config, config.beta)
+        return add(sums, terms, loss, jnp.sum(jraph.get_graph_padding_mask(batch)).astype(jnp.float32))
+
+    return jax.jit(train_step, donate_argnums=(0, 1)), jax.jit(eval_step)
+
+
+def _zero_sums() -> dict:
+    return {name: jnp.zeros(()) for name in (*TERMS, "loss", "count")} | {"nonfinite": jnp.zeros((), jnp.int32)}
+
+
+def _means(sums: dict) -> dict:
+    count = max(float(sums["count"]), 1.0)
+    return {name: float(sums[name]) / count for name in (*TERMS, "loss")}
+
+
+def fit_vae(
+    config: VAEConfig,
+    train_config: TrainConfig,
+    train: Dataset,
+    val: Dataset,
+    workdir: str | Path | None = None,
+    progress: bool = True,
+    hooks: Sequence[Callable[[int, int], None]] = (),
+) -> VAEFitResult:
+    """Train the VAE of ``config`` on ``train`` (properties ``config.targets``), early-stopped on ``val``.
+
+    Uses batch_size, learning_rate, weight_decay, warmup_epochs, grad_clip, max_epochs,
+    early_stopping and the plateau settings of ``train_config`` (ensemble_size and
+    n_devices must be 1). workdir: checkpoint directory (None: none); a "latest"
+    checkpoint there is resumed. hooks: ``hook(epoch, step)`` after every training step.
+    """
+    cfg = train_config
+    if cfg.ensemble_size != 1 or cfg.n_devices not in (1, None):
+        raise ValueError(f"fit_vae trains one model on one device; got ensemble_size={cfg.ensemble_size}, n_devices={cfg.n_devices}")
+    start = time.perf_counter()
+    y_train, y_val = check_split("train", train, config.targets), check_split("val", val, config.targets)
+    for name, split in (("train", train), ("val", val)):
+        _check_sizes(name, split, config.max_atoms)
+    property_scaler = TargetScaler.fit(y_train)
+    lattice_scaler = LatticeScaler.fit(graph_lattice_parameters(train.graphs), train.graphs.n_node)
+    mesh = data_mesh(1)
+    budget = budget_for(concat([train.graphs, val.graphs]), cfg.batch_size)
+    train_batcher = DeviceBatcher(train.graphs, budget, mesh, property_scaler.transform(y_train))
+    val_batcher = DeviceBatcher(val.graphs, budget, mesh, property_scaler.transform(y_val))
+    order = lambda epoch: np.random.default_rng([cfg.seed, epoch]).permutation(len(train))  # noqa: E731
+    steps_per_epoch = len(train_batcher.plan(order(0)))
+
+    model = create_vae(config)
+    tx, plateau = create_optimizer(cfg, steps_per_epoch), create_plateau(cfg)
+    example = jax.tree.map(jnp.asarray, train_batcher.sub_batch(np.arange(1)))
+    init_key, sample_key = jax.random.split(jax.random.PRNGKey(cfg.seed))
+    variables = jax.jit(lambda k: model.init(k, example, sample_key, train=False))(init_key)
+    params = variables["params"]
+    # Committed to the mesh like the batches, so the first step's inputs match every later step's (one compile).
+    state = jax.device_put(
+        TrainState(jnp.zeros((), jnp.int32), params, variables["batch_stats"], tx.init(params), plateau.init(params)), replicated(mesh)
+    )
+    rec = {"epoch": 0, "history": [], "best_score": None, "best_epoch": -1}
+    best_variables = jax.device_get(state.variables)
+    configs = {
+        "model": config_to_dict(config), "train": config_to_dict(cfg),
+        "data": {
+            "n_train": len(train), "n_val": len(val),
+            "target_mean": property_scaler.mean.tolist(), "target_std": property_scaler.std.tolist(),
+            "lattice_mean": np.asarray(lattice_scaler.mean).tolist(), "lattice_std": np.asarray(lattice_scaler.std).tolist(),
+        },
+    }
+    ckpt = Checkpointer(workdir, configs) if workdir is not None else None
+    if ckpt is not None and (restored := ckpt.restore("latest", abstract_like({"state": state}, replicated(mesh)))) is not None:
+        state, rec = restored[0]["state"], restored[1]
+        best = ckpt.restore("best", abstract_like(best_variables))
+        best_variables = best[0] if best is not None else best_variables
+        log.info("resumed %s at epoch %d", workdir, rec["epoch"])
+
+    train_step, eval_step = _make_steps(model, tx, lattice_scaler, config, config.kl_warmup_epochs * steps_per_epoch, cfg.seed)
+    update_plateau = jax.jit(lambda s, v: plateau.update({}, s, value=v)[1])
+    stop_reason = "max_epochs"
+    bar = tqdm(total=cfg.max_epochs * steps_per_epoch, initial=rec["epoch"] * steps_per_epoch, desc="training VAE",
+               disable=not progress, dynamic_ncols=True)
+    try:
+        for epoch in range(rec["epoch"], cfg.max_epochs):
+            sums = jax.device_put(_zero_sums(), replicated(mesh))
+            for i, batch in enumerate(train_batcher.batches(train_batcher.plan(order(epoch)))):
+                state, sums = train_step(state, sums, batch)
+                bar.update()
+                for hook in hooks:
+                    hook(epoch, i)
+            if int(sums["nonfinite"]):
+                where = f"the last good checkpoint is {ckpt.directory}" if ckpt else "no checkpoints were written (workdir=None)"
+                raise NonFiniteLossError(f"non-finite VAE loss or gradient in epoch {epoch} ({int(sums['nonfinite'])} step(s)); {where}")
+            val_sums = jax.device_put(_zero_sums(), replicated(mesh))
+            for b, batch in enumerate(val_batcher.batches(val_batcher.plan())):
+                val_sums = eval_step(state.variables, val_sums, batch, b)
+            train_terms, val_terms = _means(sums), _means(val_sums)
+            state = state.replace(plateau=update_plateau(state.plateau, jnp.asarray(val_terms["loss"], jnp.float32)))
+            entry = {"epoch": epoch, "train": train_terms, "val": val_terms, "beta": float(kl_weight(state.step, config.beta, config.kl_warmup_epochs * steps_per_epoch)),
+                     "lr_scale": float(state.plateau.scale), "wall_s": time.perf_counter() - start}
+            rec["history"].append(entry)
+            if rec["best_score"] is None or val_terms["loss"] < rec["best_score"]:
+                rec["best_score"], rec["best_epoch"] = val_terms["loss"], epoch
+                best_variables = jax.device_get(state.variables)
+                if ckpt is not None:
+                    ckpt.save("best", epoch, best_variables, {"epoch": epoch, "val": val_terms})
+            rec["epoch"] = epoch + 1
+            if ckpt is not None:
+                ckpt.save("latest", epoch + 1, jax.device_get({"state": state}), dict(rec))
+            bar.set_postfix(loss=f"{train_terms['loss']:.3f}", val=f"{val_terms['loss']:.3f}", comp=f"{val_terms['composition']:.3f}", refresh=True)
+            if epoch - rec["best_epoch"] >= cfg.early_stopping:
+                stop_reason = "early_stopping"
+                break
+    finally:
+        bar.close()
+        if ckpt is not None:
+            ckpt.wait()
+            ckpt.close()
+    trained = TrainedVAE(create_vae(config), best_variables, property_scaler, lattice_scaler)
+    return VAEFitResult(trained, rec["history"], rec["best_epoch"], stop_reason, time.perf_counter() - start)
+
+
+def load_vae(workdir: str | Path) -> TrainedVAE:
+    """The best-validation VAE of a ``fit_vae(..., workdir)`` run."""
+    with Checkpointer(workdir, {}) as ckpt:
+        record = ckpt.record("best")
+        if record is None:
+            raise FileNotFoundError(f"no 'best' VAE checkpoint under {Path(workdir).absolute()}")
+        configs = record["configs"]
+        model = create_vae(config_from_dict(VAEConfig, configs["model"]))
+        from matjax.train.ensemble import example_batch
+
+        batch = example_batch()
+        abstract = jax.eval_shape(lambda k: model.init(k, batch, k, train=False), jax.random.PRNGKey(0))
+        variables, _ = ckpt.restore("best", abstract_like(abstract), compare=())
+    data = configs["data"]
+    return TrainedVAE(
+        model, variables, TargetScaler(np.asarray(data["target_mean"]), np.asarray(data["target_std"])),
+        LatticeScaler(np.asarray(data["lattice_mean"]), np.asarray(data["lattice_std"])),
+    )
