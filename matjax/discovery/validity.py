@@ -1,0 +1,121 @@
+"""Is a generated crystal plausible, new and distinct? The usual generative-model checks.
+
+- composition validity: charge-balanced under common oxidation states (pymatgen's
+  ``Composition.oxi_state_guesses``, which uses ``Element.common_oxidation_states``).
+  Single elements and all-metal compositions (alloys, which have no ionic balance) count as
+  valid, as in the SMACT check of CDVAE's evaluation; pymatgen's common states are
+  stricter than SMACT's full list, so measure the training data with the same function
+  to calibrate (``composition_validity`` of real crystals is below 1).
+- structure validity: every interatomic distance, periodic images included, > 0.5 A,
+  and a volume per atom in a physical range (denser than diamond, 5.7 A^3, or emptier
+  than the loosest MP-20 crystals, ~200 A^3, is not a solid).
+- uniqueness and novelty: pymatgen ``StructureMatcher`` (default tolerances), compared
+  only within equal reduced formulas, so the cost stays linear in the number of formulas.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections import Counter, defaultdict
+from typing import Callable, Sequence
+
+import numpy as np
+
+MIN_DISTANCE = 0.5  # Angstrom
+VOLUME_PER_ATOM = (5.0, 250.0)  # Angstrom^3
+
+
+def composition_valid(composition) -> bool:
+    """True if a pymatgen Composition is an element, an alloy, or charge-balanced under common oxidation states."""
+    return _reduced_valid(composition.reduced_formula)
+
+
+@functools.lru_cache(maxsize=65536)
+def _reduced_valid(reduced_formula: str) -> bool:
+    # Cached: generated sets repeat formulas, and oxi_state_guesses costs up to ~0.1 s for many elements.
+    from pymatgen.core import Composition
+
+    composition = Composition(reduced_formula)
+    elements = composition.elements
+    if len(elements) == 1 or all(el.is_metal for el in elements):
+        return True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return len(composition.oxi_state_guesses(max_sites=-1)) > 0
+
+
+def structure_problem(structure, min_distance: float = MIN_DISTANCE, volume_per_atom=VOLUME_PER_ATOM) -> str | None:
+    """Why a pymatgen Structure is not a plausible crystal ("<kind>: <details>"), or None if it is."""
+    per_atom = structure.volume / len(structure)
+    if not volume_per_atom[0] <= per_atom <= volume_per_atom[1]:
+        return f"volume per atom: {per_atom:.3g} A^3 outside [{volume_per_atom[0]}, {volume_per_atom[1]}]"
+    centres, _, _, distances = structure.get_neighbor_list(min_distance, exclude_self=True)
+    if len(centres):
+        return f"short distance: atoms {distances.min():.3g} A apart (< {min_distance} A)"
+    return None
+
+
+def _groups(structures: Sequence) -> dict[str, list[int]]:
+    groups = defaultdict(list)
+    for i, s in enumerate(structures):
+        groups[s.composition.reduced_formula].append(i)
+    return groups
+
+
+def unique_mask(structures: Sequence) -> np.ndarray:
+    """[S] bool: True for the first structure of each group of matching structures."""
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+
+    matcher = StructureMatcher()
+    keep = np.zeros(len(structures), dtype=bool)
+    for members in _groups(structures).values():
+        firsts: list[int] = []
+        for i in members:
+            if not any(matcher.fit(structures[j], structures[i]) for j in firsts):
+                firsts.append(i)
+        keep[firsts] = True
+    return keep
+
+
+def novel_mask(structures: Sequence, reference: Callable[[int], object], reference_formulas: Sequence[str]) -> np.ndarray:
+    """[S] bool: True where no reference crystal (e.g. the training set) matches.
+
+    reference(j) builds reference structure j, called only for the members whose reduced
+    formula (``reference_formulas`` [R]) equals a generated one's.
+    """
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+
+    matcher = StructureMatcher()
+    by_formula = defaultdict(list)
+    for j, name in enumerate(reference_formulas):
+        by_formula[name].append(j)
+    novel = np.ones(len(structures), dtype=bool)
+    for name, members in _groups(structures).items():
+        candidates = [reference(j) for j in by_formula.get(name, ())]
+        for i in members:
+            novel[i] = not any(matcher.fit(ref, structures[i]) for ref in candidates)
+    return novel
+
+
+def generation_metrics(compositions: Sequence, structures: Sequence, reference: Callable[[int], object], reference_formulas: Sequence[str]) -> dict:
+    """Validity, uniqueness and novelty of S generated crystals.
+
+    compositions [S]: the decoded pymatgen Compositions (all samples); structures [S]:
+    their realised Structures, None where none could be built (counted as structurally
+    invalid). Uniqueness and novelty (against ``reference``, see ``novel_mask``) are shares
+    of the realised structures.
+    """
+    problems = [structure_problem(s) if s is not None else "not realised" for s in structures]
+    realised = [s for s in structures if s is not None]
+    unique = unique_mask(realised) if realised else np.zeros(0, dtype=bool)
+    novel = novel_mask(realised, reference, reference_formulas) if realised else np.zeros(0, dtype=bool)
+    return {
+        "composition_validity": float(np.mean([composition_valid(c) for c in compositions])),
+        "structure_validity": float(np.mean([p is None for p in problems])),
+        "uniqueness": float(unique.mean()) if realised else 0.0,
+        "novelty": float(novel.mean()) if realised else 0.0,
+        "n_samples": len(structures),
+        "n_realised": len(realised),
+        "structure_problems": dict(Counter(p.split(":")[0] for p in problems if p)),
+    }
