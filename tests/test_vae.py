@@ -1,0 +1,220 @@
+"""Crystal VAE: reparameterisation, KL, lattice parameters, padding invariance, decoders, training, checkpoints, design."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from pymatgen.core import Lattice
+
+from crystal_fixtures import toy_crystals
+from matjax.config import CGCNNConfig, GraphConfig, LatentDesignConfig, TrainConfig, VAEConfig
+from matjax.data.batching import Budget, budget_for, graphs_tuple
+from matjax.models.vae import (N_ELEMENTS, LatticeScaler, VAEOutput, apportion, composition_fractions, create_vae, kl_divergence,
+                               kl_weight, lattice_parameters, reparameterize, vae_loss)
+from matjax.train.checkpoint import Checkpointer
+from matjax.train.loop import NonFiniteLossError
+from matjax.discovery.latent_design import check_target, design_latents
+from matjax.train.vae import fit_vae, graph_counts, load_vae, reconstruction_metrics
+
+CONFIG = VAEConfig(
+    CGCNNConfig(GraphConfig(5.0, 8, 16), atom_features=32, n_conv=2, hidden_features=64), latent_dim=16,
+    decoder_features=64, decoder_layers=1, property_features=32, max_atoms=4, beta=0.01, kl_warmup_epochs=3,
+    targets=("formation_energy_per_atom", "band_gap"),
+)
+TRAIN = TrainConfig(batch_size=32, learning_rate=3e-3, max_epochs=14, early_stopping=100)
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return {"train": toy_crystals(192, seed=0), "val": toy_crystals(48, seed=1), "test": toy_crystals(64, seed=2)}
+
+
+@pytest.fixture(scope="module")
+def trained(splits, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("vae")
+    return fit_vae(CONFIG, TRAIN, splits["train"], splits["val"], workdir, progress=False), workdir
+
+
+def _batch(dataset, budget=None, targets=True):
+    graphs = dataset.graphs
+    y = dataset.targets if targets else None
+    return jax.tree.map(jnp.asarray, graphs_tuple(graphs, budget or budget_for(graphs, len(graphs)), y))
+
+
+def _init(model, batch):
+    """Variables for ``batch`` (jitted: flax's eager init of a CGCNN takes seconds)."""
+    return jax.jit(lambda b: model.init(jax.random.PRNGKey(0), b, jax.random.PRNGKey(1)))(batch)
+
+
+def test_reparameterisation_is_a_function_of_the_key():
+    mu, logvar = jnp.array([[0.5, -1.0, 2.0]]), jnp.array([[0.0, -2.0, 1.0]])
+    key = jax.random.PRNGKey(3)
+    np.testing.assert_array_equal(reparameterize(key, mu, logvar), reparameterize(key, mu, logvar))
+    assert not np.allclose(reparameterize(key, mu, logvar), reparameterize(jax.random.PRNGKey(4), mu, logvar))
+    # Many keys: the samples have mean mu and standard deviation exp(logvar / 2).
+    samples = jax.vmap(lambda k: reparameterize(k, mu, logvar))(jax.random.split(key, 20000))[:, 0]
+    np.testing.assert_allclose(samples.mean(0), mu[0], atol=0.05)
+    np.testing.assert_allclose(samples.std(0), np.exp(0.5 * logvar[0]), rtol=0.03)
+
+
+def test_kl_matches_the_closed_form_and_a_monte_carlo_estimate():
+    mu = jnp.array([[0.3, -1.2, 0.0, 2.0]])
+    logvar = jnp.array([[-0.5, 0.7, 0.0, -2.0]])
+    sigma2 = np.exp(np.asarray(logvar[0], np.float64))
+    exact = 0.5 * np.sum(sigma2 + np.asarray(mu[0], np.float64) ** 2 - 1 - np.log(sigma2))
+    np.testing.assert_allclose(kl_divergence(mu, logvar)[0], exact, rtol=1e-6)
+    z = reparameterize(jax.random.PRNGKey(0), jnp.repeat(mu, 400000, 0), jnp.repeat(logvar, 400000, 0))
+    log_q = jax.scipy.stats.norm.logpdf(z, mu, jnp.exp(0.5 * logvar)).sum(-1)
+    log_p = jax.scipy.stats.norm.logpdf(z).sum(-1)
+    np.testing.assert_allclose(float(jnp.mean(log_q - log_p)), exact, atol=0.03)
+    np.testing.assert_allclose(kl_divergence(jnp.zeros((2, 5)), jnp.zeros((2, 5))), 0.0, atol=1e-7)
+    np.testing.assert_allclose(jax.grad(lambda m: kl_divergence(m, logvar)[0])(mu), mu, rtol=1e-6)  # dKL/dmu = mu
+
+
+def test_kl_weight_warms_up_linearly():
+    assert kl_weight(0, 0.2, 100) == 0.0
+    np.testing.assert_allclose(kl_weight(50, 0.2, 100), 0.1)
+    np.testing.assert_allclose(kl_weight(400, 0.2, 100), 0.2)
+    assert kl_weight(0, 0.2, 0) == 0.2
+
+
+def test_lattice_parameters_match_pymatgen_and_the_scaler_inverts():
+    rng = np.random.default_rng(0)
+    matrices = np.eye(3) * rng.uniform(3, 8, (20, 1, 1)) + rng.normal(0, 1.0, (20, 3, 3))
+    ours = np.asarray(lattice_parameters(jnp.asarray(matrices, jnp.float32)))
+    np.testing.assert_allclose(ours, [Lattice(m).parameters for m in matrices], rtol=1e-4, atol=1e-3)
+    n_atoms = rng.integers(1, 20, 20)
+    scaler = LatticeScaler.fit(ours, n_atoms)
+    x = scaler.transform(ours, n_atoms)
+    np.testing.assert_allclose(np.mean(x, 0), 0.0, atol=1e-9)  # standardised on its own data
+    np.testing.assert_allclose(scaler.inverse(x, n_atoms), ours, rtol=1e-9)
+    # Per-atom lengths: doubling the cell (2n atoms, lengths 2^(1/3) longer) keeps x.
+    scaled = ours * np.r_[[2 ** (1 / 3)] * 3, [1.0] * 3]
+    np.testing.assert_allclose(scaler.transform(scaled, 2 * n_atoms), x, atol=1e-9)
+
+
+def test_apportion_sums_to_n_and_follows_the_quota():
+    rng = np.random.default_rng(1)
+    probs = rng.dirichlet(np.full(8, 0.3), 500)
+    n = rng.integers(1, 21, 500)
+    counts = np.asarray(apportion(jnp.asarray(probs, jnp.float32), jnp.asarray(n)))
+    np.testing.assert_array_equal(counts.sum(1), n)
+    quota = probs * n[:, None]
+    assert np.all(counts >= np.floor(quota - 1e-5)) and np.all(counts <= np.ceil(quota + 1e-5))  # quota rule
+    exact = np.zeros((1, 8))
+    exact[0, [2, 5]] = [2 / 3, 1 / 3]  # Li2O-like fractions at 6 atoms -> 4 and 2
+    np.testing.assert_array_equal(apportion(jnp.asarray(exact, jnp.float32), jnp.array([6]))[0, [2, 5]], [4, 2])
+
+
+def test_loss_terms_vanish_for_a_perfect_reconstruction(splits):
+    data = splits["train"].subset(np.arange(6))
+    batch = _batch(data)
+    n_graph = batch.n_node.shape[0]
+    fractions = composition_fractions(batch)
+    np.testing.assert_allclose(np.asarray(fractions)[:6] * data.graphs.n_node[:, None], graph_counts(data.graphs), atol=1e-5)
+    scaler = LatticeScaler.fit(np.asarray(lattice_parameters(batch.globals["lattice"][:6])), data.graphs.n_node)
+    target_lattice = scaler.transform(lattice_parameters(batch.globals["lattice"]), jnp.maximum(batch.n_node, 1))
+    n_atoms_logits = 50.0 * jax.nn.one_hot(jnp.clip(batch.n_node - 1, 0, 3), 4)
+    zeros = jnp.zeros((n_graph, 3))
+    perfect = VAEOutput(zeros, zeros, zeros, jnp.log(fractions + 1e-30), n_atoms_logits, target_lattice, batch.globals["targets"])
+    loss_fn = jax.jit(lambda out: vae_loss(out, batch, scaler, CONFIG, 1.0)[1])
+    terms = loss_fn(perfect)
+    for name in ("composition", "n_atoms", "lattice", "property"):
+        assert abs(float(terms[name])) < 1e-5, name
+    np.testing.assert_allclose(terms["kl"], 0.0, atol=1e-6)  # mu = 0, logvar = 0 is the prior
+    uniform = perfect._replace(composition_logits=jnp.zeros_like(perfect.composition_logits))
+    assert float(loss_fn(uniform)["composition"]) > 1.0
+
+
+def test_padding_and_batch_order_do_not_change_encodings(splits):
+    data = splits["train"].subset(np.arange(10))
+    model = create_vae(CONFIG)
+    tight = _batch(data, targets=False)
+    variables = _init(model, tight)
+    budget = budget_for(data.graphs, len(data))
+    loose = _batch(data, Budget(budget.n_node + 64, budget.n_edge + 256, budget.n_graph + 5), targets=False)
+    reversed_ = _batch(data.subset(np.arange(10)[::-1]), targets=False)
+    for train in (False, True):
+        encode = jax.jit(lambda b: model.apply(variables, b, train, method=model.encode, mutable=["batch_stats"])[0])  # noqa: B023
+        (mu_a, lv_a), (mu_b, lv_b), (mu_r, _) = encode(tight), encode(loose), encode(reversed_)
+        np.testing.assert_allclose(mu_a[:10], mu_b[:10], atol=1e-5)
+        np.testing.assert_allclose(lv_a[:10], lv_b[:10], atol=1e-5)
+        np.testing.assert_allclose(mu_a[:10], mu_r[:10][::-1], atol=1e-5)
+
+
+def test_decoders_give_valid_distributions_and_crystals(trained):
+    vae = trained[0].trained
+    z = np.asarray(jax.random.normal(jax.random.PRNGKey(7), (64, CONFIG.latent_dim))) * 2.0
+    logits, n_logits, lattice = vae.model.apply(vae.variables, jnp.asarray(z), method=vae.model.decode)
+    p = jax.nn.softmax(logits)
+    chex.assert_shape([p, n_logits, lattice], [(64, N_ELEMENTS), (64, CONFIG.max_atoms), (64, 6)])
+    chex.assert_tree_all_finite((p, n_logits, lattice))
+    np.testing.assert_allclose(p.sum(-1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(jax.nn.softmax(n_logits).sum(-1), 1.0, atol=1e-5)
+    assert float(p[:, 0].max()) == 0.0  # Z = 0 (padding) is never an element
+    decoded = vae.decode(z)
+    assert np.all((decoded.n_atoms >= 1) & (decoded.n_atoms <= CONFIG.max_atoms))
+    np.testing.assert_array_equal(decoded.counts.sum(1), decoded.n_atoms)
+    assert np.all(decoded.counts >= 0) and np.all(decoded.counts[:, 0] == 0)
+    assert np.all(decoded.lattice[:, :3] > 0)
+
+
+def test_training_beats_the_baselines(trained, splits):
+    result = trained[0]  # every batch ends in a zero-lattice padding graph: a NaN there would have stopped fit
+    assert result.history[-1]["val"]["loss"] < 0.7 * result.history[0]["val"]["loss"]
+    metrics = reconstruction_metrics(result.trained, splits["test"], splits["train"])
+    assert metrics["composition_accuracy"] > metrics["baseline_composition_accuracy"] + 0.1
+    assert metrics["n_atoms_accuracy"] > metrics["baseline_n_atoms_accuracy"] + 0.1
+    assert metrics["lattice_mae"] < 0.95 * metrics["baseline_lattice_mae"]
+
+
+def test_checkpoint_round_trip_is_bit_exact(trained, splits):
+    result, workdir = trained
+    restored = load_vae(workdir)
+    chex.assert_trees_all_equal(restored.variables, jax.device_get(result.trained.variables))
+    np.testing.assert_array_equal(restored.lattice_scaler.mean, result.trained.lattice_scaler.mean)
+    np.testing.assert_array_equal(restored.encode(splits["test"].graphs)[0], result.trained.encode(splits["test"].graphs)[0])
+    # Started again on a finished run directory, fit resumes at its end and returns the same VAE.
+    again = fit_vae(CONFIG, TRAIN, splits["train"], splits["val"], workdir, progress=False)
+    chex.assert_trees_all_equal(again.trained.variables, restored.variables)
+    assert again.best_epoch == result.best_epoch
+
+
+def test_bad_inputs_are_named(splits):
+    with pytest.raises(ValueError, match="exceed max_atoms = 2"):
+        fit_vae(dataclasses.replace(CONFIG, max_atoms=2), TRAIN, splits["train"], splits["val"], progress=False)
+    with pytest.raises(ValueError, match="latent_dim"):
+        create_vae(dataclasses.replace(CONFIG, latent_dim=0))
+
+
+def test_a_diverging_run_stops_with_non_finite_error(splits, tmp_path):
+    tiny = dataclasses.replace(CONFIG, encoder=dataclasses.replace(CONFIG.encoder, n_conv=1, atom_features=8), latent_dim=4)
+    small = {k: v.subset(np.arange(24)) for k, v in splits.items()}
+    # One step per epoch: epoch 0's step is finite and throws the parameters to ~1e30, epoch 1's loss is not.
+    with pytest.raises(NonFiniteLossError, match=f"epoch 1 .*{tmp_path}"):
+        fit_vae(tiny, dataclasses.replace(TRAIN, learning_rate=1e30, max_epochs=3), small["train"], small["val"], tmp_path, progress=False)
+    with Checkpointer(tmp_path, {}) as ckpt:
+        assert ckpt.latest_step("latest") == 1  # the last checkpoint before the failure is kept
+
+
+def test_design_moves_the_vae_property_toward_the_target(trained, splits):
+    vae = trained[0].trained
+    values = splits["train"].target("band_gap")
+    target = float(np.percentile(values, 90))
+    config = LatentDesignConfig(n_starts=24, steps=150, learning_rate=0.05, prior_weight=0.1)
+    z0, z, trajectory = design_latents(vae, config, target, values)
+    start, end = np.abs(trajectory[0] - target), np.abs(trajectory[-1] - target)
+    assert np.median(end) < 0.3 * np.median(start)
+    np.testing.assert_allclose(trajectory[-1], vae.predict_properties(z)[:, 1], rtol=1e-4, atol=1e-4)
+    # Same seed, same designs; another seed, other starts.
+    np.testing.assert_array_equal(design_latents(vae, config, target, values)[1], z)
+    assert not np.allclose(design_latents(vae, LatentDesignConfig(n_starts=24, steps=1, seed=5), target, values)[0], z0)
+    with pytest.warns(UserWarning, match="outside the training data's range"):
+        check_target(values.max() + 5.0, values, "band_gap")
+    with pytest.raises(ValueError, match="not predicted"):
+        design_latents(vae, LatentDesignConfig(property="bulk_modulus"), target, values)
