@@ -247,12 +247,13 @@ class VAEConfig:
 
     encoder: the CGCNN trunk (graph, widths, convolutions); its output layer is replaced by
     the 2 * latent_dim posterior parameters (mu, log-variance). latent_dim: size of z;
-    decoder_features / decoder_layers: the MLP from z shared by the composition, n_atoms
-    and lattice heads; property_features: width of the property MLP on z; max_atoms:
-    largest cell the n_atoms head can decode (classes 1..max_atoms); targets: properties
-    predicted from z, e.g. ("band_gap", "formation_energy_per_atom").
+    decoder_features / decoder_layers: the MLP from z shared by the composition, n_atoms,
+    n_species and lattice heads; property_features: width of the property MLP on z;
+    max_atoms / max_species: largest cell and most distinct elements the counting heads
+    can decode (classes 1..max); targets: properties predicted from z, e.g.
+    ("band_gap", "formation_energy_per_atom").
     Loss weights: beta (KL, reached after kl_warmup_epochs of linear warm-up from 0),
-    composition_weight, n_atoms_weight, lattice_weight, property_weight.
+    composition_weight, n_atoms_weight (both counting heads), lattice_weight, property_weight.
     """
 
     encoder: CGCNNConfig = CGCNNConfig(graph=GraphConfig(cutoff=8.0, max_neighbors=12, num_rbf=41))
@@ -261,6 +262,7 @@ class VAEConfig:
     decoder_layers: int = 2
     property_features: int = 128
     max_atoms: int = 20
+    max_species: int = 8
     targets: tuple[str, ...] = ("band_gap", "formation_energy_per_atom")
     beta: float = 0.01
     kl_warmup_epochs: int = 10

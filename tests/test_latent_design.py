@@ -13,7 +13,7 @@ from matjax.data.graphs import build_graph, pack
 from matjax.data.dataset import Dataset
 from matjax.data.sources import shared_data_dir
 from matjax.discovery.latent_design import Templates, assign_species, hit_rate, lattice_problem, optimise_latents, realise
-from matjax.discovery.validity import composition_valid, novel_mask, structure_problem, unique_mask
+from matjax.discovery.validity import charge_balanced, composition_valid, novel_mask, structure_problem, unique_mask
 from matjax.models.vae import N_ELEMENTS
 from matjax.train.vae import DecodedCrystals
 from test_experiments import run_experiment
@@ -96,6 +96,17 @@ def test_unrealisable_latents_are_reported_and_skipped():
     assert i1 == 1 and "do not close a cell" in why1
     assert lattice_problem([4, 4, 4, 90, 90, 90]) is None and "non-positive" in lattice_problem([0, 4, 4, 90, 90, 90])
     assert hit_rate(np.array([1.4, np.nan, 2.0, 1.79]), 1.5, 0.3) == 0.5  # the unrealised (NaN) one is a miss
+
+
+def test_charge_balance_agrees_with_pymatgen_oxi_state_guesses():
+    rng = np.random.default_rng(0)
+    symbols = ["Li", "Na", "Ba", "Fe", "Mn", "Cu", "Ti", "V", "Al", "Sn", "Bi", "O", "S", "N", "P", "F", "Cl", "C", "Si", "H", "Sb", "Pt"]
+    for _ in range(150):
+        amounts = {str(e): int(n) for e, n in zip(rng.choice(symbols, rng.integers(2, 5), replace=False), rng.integers(1, 5, 4))}
+        assert charge_balanced(amounts) == bool(Composition(amounts).oxi_state_guesses()), amounts
+    assert charge_balanced({"Fe": 3, "O": 4})  # mixed valence, Fe2+ Fe3+_2 O4
+    many = {"Li": 3, "Fe": 2, "Mn": 1, "Co": 1, "Ni": 1, "O": 5, "S": 2, "F": 2, "Ba": 1, "Ti": 2, "Sr": 1, "N": 1}
+    assert charge_balanced(many)  # twelve elements: pymatgen's enumeration would take minutes
 
 
 def test_validity_checks():

@@ -14,8 +14,8 @@ from pymatgen.core import Lattice
 from crystal_fixtures import toy_crystals
 from matjax.config import CGCNNConfig, GraphConfig, LatentDesignConfig, TrainConfig, VAEConfig
 from matjax.data.batching import Budget, budget_for, graphs_tuple
-from matjax.models.vae import (N_ELEMENTS, LatticeScaler, VAEOutput, apportion, composition_fractions, create_vae, kl_divergence,
-                               kl_weight, lattice_parameters, reparameterize, vae_loss)
+from matjax.models.vae import (N_ELEMENTS, LatticeScaler, VAEOutput, apportion, composition_fractions, create_vae,
+                               decode_composition, kl_divergence, kl_weight, lattice_parameters, reparameterize, vae_loss)
 from matjax.train.checkpoint import Checkpointer
 from matjax.train.loop import NonFiniteLossError
 from matjax.discovery.latent_design import check_target, design_latents
@@ -111,6 +111,22 @@ def test_apportion_sums_to_n_and_follows_the_quota():
     np.testing.assert_array_equal(apportion(jnp.asarray(exact, jnp.float32), jnp.array([6]))[0, [2, 5]], [4, 2])
 
 
+def test_decoded_composition_has_the_decoded_sizes_and_the_likeliest_elements():
+    rng = np.random.default_rng(2)
+    probs = rng.dirichlet(np.full(12, 0.5), 300)
+    n_atoms, n_species = rng.integers(1, 21, 300), rng.integers(1, 6, 300)
+    counts = np.asarray(decode_composition(jnp.asarray(probs, jnp.float32), jnp.asarray(n_atoms), jnp.asarray(n_species)))
+    np.testing.assert_array_equal(counts.sum(1), n_atoms)
+    np.testing.assert_array_equal((counts > 0).sum(1), np.minimum(n_species, n_atoms))
+    for p, c in zip(probs, counts):  # the present elements are the most likely ones
+        assert p[c > 0].min() >= p[c == 0].max(initial=0.0)
+    # A blurred Li2O (most mass on Li and O, the rest spread thin) decodes to Li2O.
+    blurred = np.full((1, 12), 0.2 / 10)
+    blurred[0, [3, 8]] = [0.5, 0.3]
+    np.testing.assert_array_equal(np.flatnonzero(decode_composition(jnp.asarray(blurred), jnp.array([3]), jnp.array([2]))[0]), [3, 8])
+    np.testing.assert_array_equal(decode_composition(jnp.asarray(blurred), jnp.array([3]), jnp.array([2]))[0, [3, 8]], [2, 1])
+
+
 def test_loss_terms_vanish_for_a_perfect_reconstruction(splits):
     data = splits["train"].subset(np.arange(6))
     batch = _batch(data)
@@ -119,12 +135,14 @@ def test_loss_terms_vanish_for_a_perfect_reconstruction(splits):
     np.testing.assert_allclose(np.asarray(fractions)[:6] * data.graphs.n_node[:, None], graph_counts(data.graphs), atol=1e-5)
     scaler = LatticeScaler.fit(np.asarray(lattice_parameters(batch.globals["lattice"][:6])), data.graphs.n_node)
     target_lattice = scaler.transform(lattice_parameters(batch.globals["lattice"]), jnp.maximum(batch.n_node, 1))
-    n_atoms_logits = 50.0 * jax.nn.one_hot(jnp.clip(batch.n_node - 1, 0, 3), 4)
+    n_atoms_logits = 50.0 * jax.nn.one_hot(jnp.clip(batch.n_node - 1, 0, 3), CONFIG.max_atoms)
+    n_species_logits = 50.0 * jax.nn.one_hot(jnp.sum(fractions > 0, -1) - 1, CONFIG.max_species)
     zeros = jnp.zeros((n_graph, 3))
-    perfect = VAEOutput(zeros, zeros, zeros, jnp.log(fractions + 1e-30), n_atoms_logits, target_lattice, batch.globals["targets"])
+    perfect = VAEOutput(zeros, zeros, zeros, jnp.log(fractions + 1e-30), n_atoms_logits, n_species_logits, target_lattice,
+                        batch.globals["targets"])
     loss_fn = jax.jit(lambda out: vae_loss(out, batch, scaler, CONFIG, 1.0)[1])
     terms = loss_fn(perfect)
-    for name in ("composition", "n_atoms", "lattice", "property"):
+    for name in ("composition", "n_atoms", "n_species", "lattice", "property"):
         assert abs(float(terms[name])) < 1e-5, name
     np.testing.assert_allclose(terms["kl"], 0.0, atol=1e-6)  # mu = 0, logvar = 0 is the prior
     uniform = perfect._replace(composition_logits=jnp.zeros_like(perfect.composition_logits))
@@ -150,12 +168,12 @@ def test_padding_and_batch_order_do_not_change_encodings(splits):
 def test_decoders_give_valid_distributions_and_crystals(trained):
     vae = trained[0].trained
     z = np.asarray(jax.random.normal(jax.random.PRNGKey(7), (64, CONFIG.latent_dim))) * 2.0
-    logits, n_logits, lattice = vae.model.apply(vae.variables, jnp.asarray(z), method=vae.model.decode)
+    logits, n_logits, k_logits, lattice = vae.model.apply(vae.variables, jnp.asarray(z), method=vae.model.decode)
     p = jax.nn.softmax(logits)
-    chex.assert_shape([p, n_logits, lattice], [(64, N_ELEMENTS), (64, CONFIG.max_atoms), (64, 6)])
-    chex.assert_tree_all_finite((p, n_logits, lattice))
-    np.testing.assert_allclose(p.sum(-1), 1.0, atol=1e-5)
-    np.testing.assert_allclose(jax.nn.softmax(n_logits).sum(-1), 1.0, atol=1e-5)
+    chex.assert_shape([p, n_logits, k_logits, lattice], [(64, N_ELEMENTS), (64, CONFIG.max_atoms), (64, CONFIG.max_species), (64, 6)])
+    chex.assert_tree_all_finite((p, n_logits, k_logits, lattice))
+    for distribution in (p, jax.nn.softmax(n_logits), jax.nn.softmax(k_logits)):
+        np.testing.assert_allclose(distribution.sum(-1), 1.0, atol=1e-5)
     assert float(p[:, 0].max()) == 0.0  # Z = 0 (padding) is never an element
     decoded = vae.decode(z)
     assert np.all((decoded.n_atoms >= 1) & (decoded.n_atoms <= CONFIG.max_atoms))
@@ -185,9 +203,28 @@ def test_checkpoint_round_trip_is_bit_exact(trained, splits):
     assert again.best_epoch == result.best_epoch
 
 
+class Killed(Exception):
+    """Stands in for the process being killed."""
+
+
+def test_a_killed_run_resumes_to_the_same_vae(trained, splits, tmp_path):
+    def kill(epoch, step):
+        if epoch == 6 and step == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        fit_vae(CONFIG, TRAIN, splits["train"], splits["val"], tmp_path, progress=False, hooks=[kill])
+    resumed = fit_vae(CONFIG, TRAIN, splits["train"], splits["val"], tmp_path, progress=False)
+    uninterrupted = trained[0]
+    chex.assert_trees_all_equal(resumed.trained.variables, jax.device_get(uninterrupted.trained.variables))
+    assert [h["val"] for h in resumed.history] == [h["val"] for h in uninterrupted.history]
+
+
 def test_bad_inputs_are_named(splits):
-    with pytest.raises(ValueError, match="exceed max_atoms = 2"):
+    with pytest.raises(ValueError, match="exceed max_atoms = 2: toy-0-"):
         fit_vae(dataclasses.replace(CONFIG, max_atoms=2), TRAIN, splits["train"], splits["val"], progress=False)
+    with pytest.raises(ValueError, match=r"exceed max_species = 1: toy-0-\d+ \(\d elements\)"):
+        fit_vae(dataclasses.replace(CONFIG, max_species=1), TRAIN, splits["train"], splits["val"], progress=False)
     with pytest.raises(ValueError, match="latent_dim"):
         create_vae(dataclasses.replace(CONFIG, latent_dim=0))
 

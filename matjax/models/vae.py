@@ -2,30 +2,34 @@
 
 Per crystal graph (``matjax.data.batching`` layout)::
 
-    [mu, log sigma^2] = CGCNN(graph)                 [G, 2 d]  (convolutions, masked mean pool, MLP)
+    [mu, log sigma^2] = CGCNN(graph) + E[n_atoms]    [G, 2 d]  (convolutions, masked mean pool, MLP)
     z                 = mu + sigma * eps,  eps ~ N(0, I) from an explicit PRNG key
     p(element | z)    = softmax(W_c h(z))            [G, 104]  composition, a distribution over Z
     p(n_atoms | z)    = softmax(W_n h(z))            [G, max_atoms]  classes 1..max_atoms
+    p(n_species | z)  = softmax(W_k h(z))            [G, max_species]  distinct elements, 1..max_species
     lattice(z)        = W_l h(z)                     [G, 6]  normalised (a, b, c, alpha, beta, gamma)
     y(z)              = MLP(z)                       [G, T]  standardised properties
 
 h is an MLP shared by the three structure heads. The reconstruction targets are computed
 from the input graph itself, inside the loss: the element fractions from ``species``, the
-atom count from ``n_node``, the lattice parameters from ``globals["lattice"]``. Lengths are
+atom and element counts from them and ``n_node``, the lattice parameters from ``globals["lattice"]``. Lengths are
 normalised per atom, l / n_atoms^(1/3) (a crystal's size grows with its cell), then
 standardised with training statistics (``LatticeScaler``); angles are standardised.
 
 The loss per crystal (averaged over real graphs, padding masked) is
 
-    KL(f || p) + CE(n_atoms) + |lattice - target|^2 / 6 + |y - target|^2 / T + beta * KL(q(z|x) || N(0, I))
+    KL(f || p) + CE(n_atoms) + CE(n_species) + |lattice - target|^2 / 6 + |y - target|^2 / T + beta * KL(q(z|x) || N(0, I))
 
 with weights from ``VAEConfig``; beta rises linearly from 0 over the warm-up
 (``kl_weight``), so the decoders learn before the prior pulls the codes together.
 ``KL(f || p) = sum_e f_e log(f_e / p_e)`` is the composition cross-entropy minus its floor,
 the entropy of f, so 0 means a perfect composition.
 
-Decoding is deterministic: the most likely atom count N, then element counts apportioned
-from p(element | z) to sum to N (largest remainders, ``apportion``).
+Decoding is deterministic (``decode_composition``): the most likely atom count N and number
+of elements k, the k most likely elements, one atom each, and the other N - k atoms
+apportioned by their renormalised probabilities (largest remainders, ``apportion``). The
+n_species head matters: apportioning a whole distribution decodes the small probabilities
+that prior samples spread over many elements into a composition of eight or more elements.
 """
 
 from __future__ import annotations
@@ -128,6 +132,17 @@ def apportion(probabilities: jnp.ndarray, n_atoms: jnp.ndarray) -> jnp.ndarray:
     return (counts + (rank < missing[:, None])).astype(jnp.int32)
 
 
+def decode_composition(probabilities: jnp.ndarray, n_atoms: jnp.ndarray, n_species: jnp.ndarray) -> jnp.ndarray:
+    """[S, K] counts: the min(k, N) most likely elements of probabilities [S, K], one atom each,
+    the rest of the n_atoms [S] (N) apportioned by their renormalised probabilities; n_species [S] (k)."""
+    k = jnp.minimum(n_species, n_atoms)
+    rank = jnp.argsort(jnp.argsort(-probabilities, axis=-1, stable=True), axis=-1)
+    chosen = rank < k[:, None]
+    kept = jnp.where(chosen, probabilities, 0.0)
+    kept = kept / jnp.sum(kept, -1, keepdims=True)
+    return chosen.astype(jnp.int32) + apportion(kept, n_atoms - k)
+
+
 def encoder_config(config: VAEConfig):
     """The CGCNNConfig of the encoder: ``config.encoder`` with 2 * latent_dim outputs (mu, then log-variance)."""
     d = config.latent_dim
@@ -137,19 +152,22 @@ def encoder_config(config: VAEConfig):
 
 class VAEOutput(NamedTuple):
     """Everything one forward pass produces, per graph: mu, logvar, z [G, d]; composition_logits
-    [G, N_ELEMENTS]; n_atoms_logits [G, max_atoms]; lattice [G, 6] normalised; properties [G, T]."""
+    [G, N_ELEMENTS]; n_atoms_logits [G, max_atoms]; n_species_logits [G, max_species];
+    lattice [G, 6] normalised; properties [G, T]."""
 
     mu: jnp.ndarray
     logvar: jnp.ndarray
     z: jnp.ndarray
     composition_logits: jnp.ndarray
     n_atoms_logits: jnp.ndarray
+    n_species_logits: jnp.ndarray
     lattice: jnp.ndarray
     properties: jnp.ndarray
 
 
 class LatentDecoder(nn.Module):
-    """z [G, d] -> (composition_logits [G, N_ELEMENTS], n_atoms_logits [G, max_atoms], lattice [G, 6])."""
+    """z [G, d] -> (composition_logits [G, N_ELEMENTS], n_atoms_logits [G, max_atoms],
+    n_species_logits [G, max_species], lattice [G, 6])."""
 
     config: VAEConfig
 
@@ -161,7 +179,8 @@ class LatentDecoder(nn.Module):
             h = softplus(nn.Dense(cfg.decoder_features, name=f"hidden_{i}")(h))
         logits = nn.Dense(N_ELEMENTS, name="composition")(h)
         logits = logits.at[:, 0].set(-1e9)  # Z = 0 is padding, not an element
-        return logits, nn.Dense(cfg.max_atoms, name="n_atoms")(h), nn.Dense(6, name="lattice")(h)
+        counts = nn.Dense(cfg.max_atoms, name="n_atoms")(h), nn.Dense(cfg.max_species, name="n_species")(h)
+        return logits, *counts, nn.Dense(6, name="lattice")(h)
 
 
 class PropertyHead(nn.Module):
@@ -189,15 +208,19 @@ class CrystalVAE(nn.Module):
         self.encoder = create_model(encoder_config(cfg))
         self.decoder = LatentDecoder(cfg)
         self.property_head = PropertyHead(cfg.property_features, len(cfg.targets))
+        self.size_offset = nn.Embed(cfg.max_atoms + 1, 2 * cfg.latent_dim, embedding_init=nn.initializers.zeros)
 
     def encode(self, graph: jraph.GraphsTuple, train: bool = False) -> tuple[jnp.ndarray, jnp.ndarray]:
         """(mu [G, d], logvar [G, d]) of q(z | graph)."""
-        out = self.encoder(graph, train=train)
         d = self.config.latent_dim
+        # A mean pool cannot count atoms (a supercell pools like its primitive cell), so the
+        # atom count enters the posterior directly, as a learned offset per count (zero at init).
+        out = self.encoder(graph, train=train) + self.size_offset(jnp.clip(graph.n_node, 0, self.config.max_atoms))
         return out[:, :d], jnp.clip(out[:, d:], *LOGVAR_RANGE)
 
     def decode(self, z: jnp.ndarray):
-        """(composition_logits [G, N_ELEMENTS], n_atoms_logits [G, max_atoms], lattice [G, 6] normalised)."""
+        """(composition_logits [G, N_ELEMENTS], n_atoms_logits [G, max_atoms], n_species_logits
+        [G, max_species], lattice [G, 6] normalised)."""
         return self.decoder(z)
 
     def predict_properties(self, z: jnp.ndarray) -> jnp.ndarray:
@@ -216,15 +239,15 @@ def vae_loss(
     """(mean loss over real graphs, per-term means) of one padded batch.
 
     graph.globals["targets"]: [G, T] standardised properties; beta: the KL weight now
-    (``kl_weight``). Terms: composition (KL(f || p), nats), n_atoms (cross-entropy, nats),
-    lattice and property (mean squared error, standardised units), kl (nats).
+    (``kl_weight``). Terms: composition (KL(f || p), nats), n_atoms and n_species
+    (cross-entropies, nats), lattice and property (mean squared error, standardised units), kl (nats).
     """
     mask = jraph.get_graph_padding_mask(graph)
     fractions = composition_fractions(graph)
     log_p = jax.nn.log_softmax(out.composition_logits)
     composition = jnp.sum(jax.scipy.special.xlogy(fractions, fractions) - fractions * log_p, -1)
-    n_atoms_class = jnp.clip(graph.n_node - 1, 0, config.max_atoms - 1)
-    n_atoms = -jnp.take_along_axis(jax.nn.log_softmax(out.n_atoms_logits), n_atoms_class[:, None], -1)[:, 0]
+    n_atoms = _cross_entropy(out.n_atoms_logits, graph.n_node)
+    n_species = _cross_entropy(out.n_species_logits, jnp.sum(fractions > 0, -1))
     # Padding graphs have a zero lattice: give them the unit cube, or their NaN targets would
     # poison the gradient through the masked sum (0 * NaN).
     cell = jnp.where(mask[:, None, None], graph.globals["lattice"], jnp.eye(3))
@@ -232,21 +255,27 @@ def vae_loss(
     lattice = jnp.mean(jnp.square(out.lattice - target_lattice), -1)
     properties = jnp.mean(jnp.square(out.properties - graph.globals["targets"]), -1)
     kl = kl_divergence(out.mu, out.logvar)
-    terms = {"composition": composition, "n_atoms": n_atoms, "lattice": lattice, "property": properties, "kl": kl}
+    terms = {"composition": composition, "n_atoms": n_atoms, "n_species": n_species, "lattice": lattice, "property": properties, "kl": kl}
     terms = {name: jnp.where(mask, value, 0.0) for name, value in terms.items()}
     per_graph = (
-        config.composition_weight * terms["composition"] + config.n_atoms_weight * terms["n_atoms"]
+        config.composition_weight * terms["composition"] + config.n_atoms_weight * (terms["n_atoms"] + terms["n_species"])
         + config.lattice_weight * terms["lattice"] + config.property_weight * terms["property"] + beta * terms["kl"]
     )
     n_real = jnp.maximum(jnp.sum(mask), 1)
     return jnp.sum(per_graph) / n_real, {name: jnp.sum(value) / n_real for name, value in terms.items()}
 
 
+def _cross_entropy(logits: jnp.ndarray, count: jnp.ndarray) -> jnp.ndarray:
+    """[G] -log p(count) for logits [G, C] over the classes 1..C (counts clipped into range)."""
+    label = jnp.clip(count - 1, 0, logits.shape[-1] - 1)
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits), label[:, None], -1)[:, 0]
+
+
 def create_vae(config: VAEConfig) -> CrystalVAE:
     """The CrystalVAE of ``config``; raises ValueError naming every invalid field."""
     problems = [
         f"{name} = {getattr(config, name)} must be >= 1"
-        for name in ("latent_dim", "decoder_features", "decoder_layers", "property_features", "max_atoms")
+        for name in ("latent_dim", "decoder_features", "decoder_layers", "property_features", "max_atoms", "max_species")
         if getattr(config, name) < 1
     ]
     problems += [f"{name} = {getattr(config, name)} must be >= 0" for name in (

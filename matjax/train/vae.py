@@ -36,14 +36,15 @@ from matjax.config import TrainConfig, VAEConfig
 from matjax.data.batching import budget_for, iterate_batches
 from matjax.data.dataset import Dataset
 from matjax.data.graphs import PackedGraphs, concat
-from matjax.models.vae import N_ELEMENTS, CrystalVAE, LatticeScaler, apportion, create_vae, kl_weight, lattice_parameters, vae_loss
+from matjax.models.vae import (N_ELEMENTS, CrystalVAE, LatticeScaler, create_vae, decode_composition, kl_weight, lattice_parameters,
+                               vae_loss)
 from matjax.train.checkpoint import Checkpointer, abstract_like, config_from_dict, config_to_dict
 from matjax.train.loop import NonFiniteLossError, TrainState, check_split, create_optimizer, create_plateau
 from matjax.train.losses import TargetScaler
 from matjax.train.sharding import DeviceBatcher, data_mesh, replicated
 
 log = logging.getLogger("matjax")
-TERMS = ("composition", "n_atoms", "lattice", "property", "kl")
+TERMS = ("composition", "n_atoms", "n_species", "lattice", "property", "kl")
 
 
 class DecodedCrystals(NamedTuple):
@@ -103,10 +104,10 @@ def _properties(model, variables, z):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _decode(model, variables, lattice_scaler, z):
-    composition_logits, n_atoms_logits, lattice = model.apply(variables, z, method=model.decode)
-    n_atoms = jnp.argmax(n_atoms_logits, -1) + 1
+    composition_logits, n_atoms_logits, n_species_logits, lattice = model.apply(variables, z, method=model.decode)
+    n_atoms, n_species = jnp.argmax(n_atoms_logits, -1) + 1, jnp.argmax(n_species_logits, -1) + 1
     composition = jax.nn.softmax(composition_logits)
-    return n_atoms, apportion(composition, n_atoms), composition, lattice_scaler.inverse(lattice, n_atoms)
+    return n_atoms, decode_composition(composition, n_atoms, n_species), composition, lattice_scaler.inverse(lattice, n_atoms)
 
 
 def graph_counts(graphs: PackedGraphs) -> np.ndarray:
@@ -167,11 +168,14 @@ class VAEFitResult:
     wall_s: float
 
 
-def _check_sizes(name: str, dataset: Dataset, max_atoms: int) -> None:
-    big = np.flatnonzero(dataset.graphs.n_node > max_atoms)
-    if len(big):
-        shown = ", ".join(f"{dataset.ids[i]} ({dataset.graphs.n_node[i]} atoms)" for i in big[:5])
-        raise ValueError(f"{len(big)} crystal(s) in the {name} split exceed max_atoms = {max_atoms}: {shown}")
+def _check_sizes(name: str, dataset: Dataset, config: VAEConfig) -> None:
+    """ValueError naming the crystals with more atoms or distinct elements than the counting heads decode."""
+    counts = {"atoms": dataset.graphs.n_node, "elements": (graph_counts(dataset.graphs) > 0).sum(1)}
+    for (what, values), limit in zip(counts.items(), ("max_atoms", "max_species")):
+        big = np.flatnonzero(values > getattr(config, limit))
+        if len(big):
+            shown = ", ".join(f"{dataset.ids[i]} ({values[i]} {what})" for i in big[:5])
+            raise ValueError(f"{len(big)} crystal(s) in the {name} split exceed {limit} = {getattr(config, limit)}: {shown}")
 
 
 def _make_steps(model, tx, lattice_scaler: LatticeScaler, config: VAEConfig, warmup_steps: int, seed: int):
@@ -245,7 +249,7 @@ def fit_vae(
     start = time.perf_counter()
     y_train, y_val = check_split("train", train, config.targets), check_split("val", val, config.targets)
     for name, split in (("train", train), ("val", val)):
-        _check_sizes(name, split, config.max_atoms)
+        _check_sizes(name, split, config)
     property_scaler = TargetScaler.fit(y_train)
     lattice_scaler = LatticeScaler.fit(graph_lattice_parameters(train.graphs), train.graphs.n_node)
     mesh = data_mesh(1)
