@@ -26,7 +26,7 @@ CONFIG = VAEConfig(
     decoder_features=64, decoder_layers=1, property_features=32, max_atoms=4, beta=0.01, kl_warmup_epochs=3,
     targets=("formation_energy_per_atom", "band_gap"),
 )
-TRAIN = TrainConfig(batch_size=32, learning_rate=3e-3, max_epochs=14, early_stopping=100)
+TRAIN = TrainConfig(batch_size=32, learning_rate=3e-3, max_epochs=10, early_stopping=100)
 
 
 @pytest.fixture(scope="module")
@@ -186,9 +186,10 @@ def test_training_beats_the_baselines(trained, splits):
     result = trained[0]  # every batch ends in a zero-lattice padding graph: a NaN there would have stopped fit
     assert result.history[-1]["val"]["loss"] < 0.7 * result.history[0]["val"]["loss"]
     metrics = reconstruction_metrics(result.trained, splits["test"], splits["train"])
-    assert metrics["composition_accuracy"] > metrics["baseline_composition_accuracy"] + 0.1
-    assert metrics["n_atoms_accuracy"] > metrics["baseline_n_atoms_accuracy"] + 0.1
-    assert metrics["lattice_mae"] < 0.95 * metrics["baseline_lattice_mae"]
+    # Unseen random compositions of 1-4 atoms from 19 elements: no training composition recurs (baseline 0).
+    assert metrics["composition_accuracy"] >= metrics["baseline_composition_accuracy"] + 0.05
+    assert metrics["n_atoms_accuracy"] > metrics["baseline_n_atoms_accuracy"] + 0.25
+    assert metrics["lattice_mae"] < 0.9 * metrics["baseline_lattice_mae"]
 
 
 def test_checkpoint_round_trip_is_bit_exact(trained, splits):

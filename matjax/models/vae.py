@@ -10,11 +10,12 @@ Per crystal graph (``matjax.data.batching`` layout)::
     lattice(z)        = W_l h(z)                     [G, 6]  normalised (a, b, c, alpha, beta, gamma)
     y(z)              = MLP(z)                       [G, T]  standardised properties
 
-h is an MLP shared by the three structure heads. The reconstruction targets are computed
+h is an MLP shared by the four structure heads. The reconstruction targets are computed
 from the input graph itself, inside the loss: the element fractions from ``species``, the
-atom and element counts from them and ``n_node``, the lattice parameters from ``globals["lattice"]``. Lengths are
-normalised per atom, l / n_atoms^(1/3) (a crystal's size grows with its cell), then
-standardised with training statistics (``LatticeScaler``); angles are standardised.
+atom and element counts from them and ``n_node``, the lattice parameters from
+``globals["lattice"]``. Lengths are normalised per atom, l / n_atoms^(1/3) (a crystal's
+size grows with its cell), then standardised with training statistics (``LatticeScaler``);
+angles are standardised.
 
 The loss per crystal (averaged over real graphs, padding masked) is
 
