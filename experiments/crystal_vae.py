@@ -6,7 +6,8 @@ default: mp20-lite (band gap, formation energy); perov5: the Perov-5 val + test 
 split by hashed id (ind_gap, heat_ref); test: the 1000-row MP-20 pilot and a tiny model (seconds).
 The band-gap oracle is a CGCNN ensemble trained with ``matjax.train.loop.fit`` on the same train
 split (or --oracle: the ckpt/ folder of an ``experiments/train_cgcnn.py`` run). Writes to --out:
-metrics.json, latent.png, design.png, candidates.csv, cifs/, ckpt/ (VAE) and oracle/ (CGCNN);
+metrics.json, latent.png, design.png, candidates.csv (with the reason for every skipped design), cifs/,
+ckpt/ (VAE) and oracle/ (CGCNN);
 a killed run started again with the same arguments resumes.
 """
 
@@ -14,6 +15,7 @@ import argparse
 import dataclasses
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 
 import matplotlib
@@ -30,7 +32,7 @@ from matjax.data.sources import load_csv, mp20_lite, shared_data_dir
 from matjax.data.splits import split_dataset
 from matjax.discovery.latent_design import (Templates, compositions, design_latents, formula, hit_rate, predict_structures,
                                             prior_latents, realise, write_cifs)
-from matjax.discovery.validity import composition_valid, generation_metrics, structure_problem
+from matjax.discovery.validity import composition_valid, generation_metrics, structure_problem, unique_mask
 from matjax.train.ensemble import load_predictor
 from matjax.train.loop import fit
 from matjax.train.vae import fit_vae, reconstruction_metrics
@@ -115,7 +117,7 @@ def main():
     decoded = vae.decode(z)
     prior = realise(decoded, z, templates)
     metrics.update(generation_metrics(compositions(decoded.counts), prior.structures, train.structure, formulas))
-    metrics["prior_skipped"] = len(prior.skipped)
+    metrics["prior_skipped"] = dict(Counter(why.split(" to ")[0].split(" (")[0] for _, _, why in prior.skipped))
     sample = np.random.default_rng(args.seed).choice(len(train), min(cfg["n_prior"], len(train)), replace=False)
     metrics["train_composition_validity"] = float(np.mean([composition_valid(c) for c in compositions(templates.counts[sample])]))
     metrics["train_structure_validity"] = float(np.mean([structure_problem(train.structure(i)) is None for i in sample]))
@@ -131,16 +133,17 @@ def main():
         candidates = realise(found, z_design, templates)
         names = [f"design_{key}_{i:04d}_{formula(c)}" for i, c in enumerate(found.counts)]
         write_cifs(candidates.structures, names, args.out / "cifs" / f"design_{key}")
-        values, _ = predict_structures(predictor, candidates.structures, **budget)
+        values, unusable = predict_structures(predictor, candidates.structures, **budget)
         predicted[f"designed, target {target}"] = values
-        tol = design.tolerance
+        tol, realised = design.tolerance, [s for s in candidates.structures if s is not None]
         metrics |= {f"inverse_hit_rate_{key}": hit_rate(values, target, tol), f"random_hit_rate_{key}": hit_rate(prior_gap, target, tol),
                     f"train_hit_rate_{key}": hit_rate(train_gap, target, tol), f"train_dft_hit_rate_{key}": hit_rate(train.target(gap)[sample], target, tol),
-                    f"design_realised_{key}": float(candidates.realised.mean()), f"design_vae_head_hit_rate_{key}": hit_rate(trajectories[target][-1], target, tol)}
-        rows += [dict(name=n, target=target, vae_head=trajectories[target][-1, i], oracle=values[i], template=train.ids[t] if t >= 0 else "",
-                      match=candidates.match[i], lattice=np.round(found.lattice[i], 3).tolist()) for i, (n, t) in enumerate(zip(names, candidates.template))]
-        for i, formula_, reason in candidates.skipped:
-            logging.warning("design %s #%d (%s) skipped: %s", key, i, formula_, reason)
+                    f"design_realised_{key}": float(candidates.realised.mean()), f"design_vae_head_hit_rate_{key}": hit_rate(trajectories[target][-1], target, tol),
+                    f"design_uniqueness_{key}": float(unique_mask(realised).mean()) if realised else 0.0}
+        skipped = {i: why for i, _, why in candidates.skipped} | dict(unusable)
+        rows += [dict(name=n, target=target, vae_head=trajectories[target][-1, i], oracle=values[i], hit=bool(abs(values[i] - target) <= tol),
+                      template=train.ids[t] if t >= 0 else "", match=candidates.match[i], skipped=skipped.get(i, ""),
+                      lattice=np.round(found.lattice[i], 3).tolist()) for i, (n, t) in enumerate(zip(names, candidates.template))]
     pd.DataFrame(rows).to_csv(args.out / "candidates.csv", index=False)
     plots(args.out, vae.encode(test.graphs)[0], test, cfg["vae"].targets, trajectories, predicted, gap)
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
