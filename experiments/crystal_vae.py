@@ -1,6 +1,6 @@
 """Crystal VAE: reconstruction, generation from the prior, and latent inverse design checked by an independent CGCNN.
 
-    python experiments/crystal_vae.py [--config default|perov5|test] [--out runs/crystal_vae] [--oracle DIR] [--seed S] [--record JSON]
+    python experiments/crystal_vae.py [--config default|perov5|test] [--out runs/crystal_vae] [--oracle DIR] [--seed S] [--epochs N] [--time-budget S] [--record JSON]
 
 default: mp20-lite (band gap, formation energy); perov5: the Perov-5 val + test rows pooled and
 split by hashed id (ind_gap, heat_ref); test: the 1000-row MP-20 pilot and a tiny model (seconds).
@@ -94,6 +94,8 @@ def main():
     parser.add_argument("--out", type=Path, default=Path("runs/crystal_vae"))
     parser.add_argument("--oracle", type=Path, help="checkpoint folder of a trained band-gap CGCNN ensemble")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, help="override the config's VAE max_epochs")
+    parser.add_argument("--time-budget", type=float, help="VAE training budget in seconds (stops after the epoch that passes it)")
     parser.add_argument("--record", type=Path, help="also write the flat figures here, e.g. benchmarks/results/vae.json")
     args = parser.parse_args()
     start = time.perf_counter()
@@ -102,10 +104,12 @@ def main():
     cfg, gap = CONFIGS[args.config], CONFIGS[args.config]["gap"]
     splits = load_splits(cfg["data"], cfg["vae"])
     train, test = splits["train"], splits["test"]
-    fitted = fit_vae(cfg["vae"], dataclasses.replace(cfg["train"], seed=args.seed), train, splits["val"], workdir=args.out / "ckpt")
+    limits = {k: v for k, v in (("max_epochs", args.epochs), ("time_budget_s", args.time_budget)) if v is not None}
+    fitted = fit_vae(cfg["vae"], dataclasses.replace(cfg["train"], seed=args.seed, **limits), train, splits["val"], workdir=args.out / "ckpt")
     vae = fitted.trained
     metrics = {"dataset": cfg["data"], "config": args.config, "seed": args.seed, "n": {k: len(v) for k, v in splits.items()},
-               "vae_epochs": len(fitted.history), "vae_best_epoch": fitted.best_epoch, **reconstruction_metrics(vae, test, train)}
+               "vae_epochs": len(fitted.history), "vae_best_epoch": fitted.best_epoch,
+               "vae_stop_reason": fitted.stop_reason, "vae_train_s": round(fitted.wall_s, 1), **reconstruction_metrics(vae, test, train)}
     templates = Templates.build(train, vae.encode(train.graphs)[0])
     formulas = [c.reduced_formula for c in compositions(templates.counts)]
     if args.oracle is None:

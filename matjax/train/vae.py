@@ -39,7 +39,7 @@ from matjax.data.graphs import PackedGraphs, concat
 from matjax.models.vae import (N_ELEMENTS, CrystalVAE, LatticeScaler, create_vae, decode_composition, kl_weight, lattice_parameters,
                                vae_loss)
 from matjax.train.checkpoint import Checkpointer, abstract_like, config_from_dict, config_to_dict
-from matjax.train.loop import NonFiniteLossError, TrainState, check_split, create_optimizer, create_plateau
+from matjax.train.loop import NonFiniteLossError, TrainState, _stop_reason, check_split, create_optimizer, create_plateau
 from matjax.train.losses import TargetScaler
 from matjax.train.sharding import DeviceBatcher, data_mesh, replicated
 
@@ -239,7 +239,7 @@ def fit_vae(
     """Train the VAE of ``config`` on ``train`` (properties ``config.targets``), early-stopped on ``val``.
 
     Uses batch_size, learning_rate, weight_decay, warmup_epochs, grad_clip, max_epochs,
-    early_stopping and the plateau settings of ``train_config`` (ensemble_size and
+    early_stopping, time_budget_s and the plateau settings of ``train_config`` (ensemble_size and
     n_devices must be 1). workdir: checkpoint directory (None: none); a "latest"
     checkpoint there is resumed. hooks: ``hook(epoch, step)`` after every training step.
     """
@@ -269,7 +269,7 @@ def fit_vae(
     state = jax.device_put(
         TrainState(jnp.zeros((), jnp.int32), params, variables["batch_stats"], tx.init(params), plateau.init(params)), replicated(mesh)
     )
-    rec = {"epoch": 0, "history": [], "best_score": None, "best_epoch": -1}
+    rec = {"epoch": 0, "history": [], "best_score": None, "best_epoch": -1, "train_s": 0.0}
     best_variables = jax.device_get(state.variables)
     configs = {
         "model": config_to_dict(config), "train": config_to_dict(cfg),
@@ -289,10 +289,14 @@ def fit_vae(
     train_step, eval_step = _make_steps(model, tx, lattice_scaler, config, config.kl_warmup_epochs * steps_per_epoch, cfg.seed)
     update_plateau = jax.jit(lambda s, v: plateau.update({}, s, value=v)[1])
     stop_reason = "max_epochs"
+    session_start, session_base = time.perf_counter(), rec["train_s"]
     bar = tqdm(total=cfg.max_epochs * steps_per_epoch, initial=rec["epoch"] * steps_per_epoch, desc="training VAE",
                disable=not progress, dynamic_ncols=True)
     try:
         for epoch in range(rec["epoch"], cfg.max_epochs):
+            if reason := _stop_reason(cfg, rec):
+                stop_reason = reason
+                break
             sums = jax.device_put(_zero_sums(), replicated(mesh))
             for i, batch in enumerate(train_batcher.batches(train_batcher.plan(order(epoch)))):
                 state, sums = train_step(state, sums, batch)
@@ -315,13 +319,10 @@ def fit_vae(
                 best_variables = jax.device_get(state.variables)
                 if ckpt is not None:
                     ckpt.save("best", epoch, best_variables, {"epoch": epoch, "val": val_terms})
-            rec["epoch"] = epoch + 1
+            rec["epoch"], rec["train_s"] = epoch + 1, session_base + time.perf_counter() - session_start
             if ckpt is not None:
                 ckpt.save("latest", epoch + 1, jax.device_get({"state": state}), dict(rec))
             bar.set_postfix(loss=f"{train_terms['loss']:.3f}", val=f"{val_terms['loss']:.3f}", comp=f"{val_terms['composition']:.3f}", refresh=True)
-            if epoch - rec["best_epoch"] >= cfg.early_stopping:
-                stop_reason = "early_stopping"
-                break
     finally:
         bar.close()
         if ckpt is not None:
