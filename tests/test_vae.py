@@ -240,6 +240,17 @@ def test_a_diverging_run_stops_with_non_finite_error(splits, tmp_path):
         assert ckpt.latest_step("latest") == 1  # the last checkpoint before the failure is kept
 
 
+def test_a_time_budget_stops_after_the_epoch_that_spends_it(splits, tmp_path):
+    tiny = dataclasses.replace(CONFIG, encoder=dataclasses.replace(CONFIG.encoder, n_conv=1, atom_features=8), latent_dim=4)
+    small = {k: v.subset(np.arange(24)) for k, v in splits.items()}
+    budgeted = dataclasses.replace(TRAIN, time_budget_s=1e-9)
+    result = fit_vae(tiny, budgeted, small["train"], small["val"], tmp_path, progress=False)
+    assert (len(result.history), result.stop_reason) == (1, "time_budget")
+    # The spent budget is part of the checkpoint: started again, the run stays stopped.
+    again = fit_vae(tiny, budgeted, small["train"], small["val"], tmp_path, progress=False)
+    assert (len(again.history), again.stop_reason) == (1, "time_budget")
+
+
 def test_design_moves_the_vae_property_toward_the_target(trained, splits):
     vae = trained[0].trained
     values = splits["train"].target("band_gap")
