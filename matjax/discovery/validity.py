@@ -7,8 +7,8 @@
   stricter than SMACT's full list, so measure the training data with the same function
   to calibrate (``composition_validity`` of real crystals is below 1).
 - structure validity: every interatomic distance, periodic images included, > 0.5 A,
-  and a volume per atom in a physical range (denser than diamond, 5.7 A^3, or emptier
-  than the loosest MP-20 crystals, ~200 A^3, is not a solid).
+  and a volume per atom in [5, 250] A^3 (diamond has 5.7 A^3; the loosest MP-20 crystals
+  ~200 A^3: outside that range it is not a solid).
 - uniqueness and novelty: pymatgen ``StructureMatcher`` (default tolerances), compared
   only within equal reduced formulas, so the cost stays linear in the number of formulas.
 """
