@@ -40,12 +40,14 @@ ELECTRONEGATIVITY = element_descriptors()[:, 0]  # [104] Pauling, by Z
 
 def optimise_latents(
     predict: Callable[[jnp.ndarray], jnp.ndarray], z0: jnp.ndarray, target: float, steps: int,
-    learning_rate: float, prior_weight: float,
+    learning_rate: float, prior_weight: float, stop_within: float = 0.0,
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Minimise (predict(z) - target)^2 + prior_weight * |z|^2 / 2 from every start z0 [S, d].
 
     predict: z [d] -> scalar property (same units as target). Each start has its own Adam
-    state (vmap). Returns (z [S, d] after ``steps`` steps, trajectory [steps + 1, S] of
+    state (vmap). A start stops moving once |predict(z) - target| <= stop_within: with a
+    prior term the objective has one minimiser that every start would otherwise reach, and
+    a design run that returns one crystal S times is no search. Returns (z [S, d] after ``steps`` steps, trajectory [steps + 1, S] of
     predict(z), the start first).
     """
     tx = optax.adam(learning_rate)
@@ -59,7 +61,8 @@ def optimise_latents(
             z, opt_state = carry
             (_, value), grad = jax.value_and_grad(objective, has_aux=True)(z)
             updates, opt_state = tx.update(grad, opt_state, z)
-            return (optax.apply_updates(z, updates), opt_state), value
+            moved = optax.apply_updates(z, updates)
+            return (jnp.where(jnp.abs(value - target) <= stop_within, z, moved), opt_state), value
 
         (z, _), values = jax.lax.scan(step, (z, tx.init(z)), None, length=steps)
         return z, jnp.append(values, predict(z))
@@ -230,8 +233,9 @@ def design_latents(trained: TrainedVAE, config: LatentDesignConfig, target: floa
     """(z0 [S, d], z [S, d], trajectory [steps + 1, S]) of ``optimise_latents`` toward ``target``
     (physical units) of ``config.property``, from ``config.n_starts`` prior samples.
 
-    The trajectory is the VAE head's property in physical units. Warns if the target lies
-    outside the training values [M] of that property.
+    The trajectory is the VAE head's property in physical units. A start stops once the head
+    is within half the hit tolerance of the target. Warns if the target lies outside the
+    training values [M] of that property.
     """
     if config.property not in trained.config.targets:
         raise ValueError(f"property {config.property!r} is not predicted by this VAE (targets {trained.config.targets})")
@@ -244,7 +248,8 @@ def design_latents(trained: TrainedVAE, config: LatentDesignConfig, target: floa
         return model.apply(variables, z[None], method=model.predict_properties)[0, column]
 
     z0 = prior_latents(config.n_starts, trained.config.latent_dim, config.seed)
-    z, trajectory = optimise_latents(predict, z0, (target - mean) / std, config.steps, config.learning_rate, config.prior_weight)
+    z, trajectory = optimise_latents(predict, z0, (target - mean) / std, config.steps, config.learning_rate, config.prior_weight,
+                                     stop_within=0.5 * config.tolerance / std)
     return z0, np.asarray(z), np.asarray(trajectory) * std + mean
 
 
