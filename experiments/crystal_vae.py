@@ -109,7 +109,7 @@ def main():
     vae = fitted.trained
     metrics = {"dataset": cfg["data"], "config": args.config, "seed": args.seed, "n": {k: len(v) for k, v in splits.items()},
                "vae_epochs": len(fitted.history), "vae_best_epoch": fitted.best_epoch,
-               "vae_stop_reason": fitted.stop_reason, "vae_train_s": round(fitted.wall_s, 1), **reconstruction_metrics(vae, test, train)}
+               "vae_stop_reason": fitted.stop_reason, "vae_train_s": round(fitted.train_s, 1), **reconstruction_metrics(vae, test, train)}
     templates = Templates.build(train, vae.encode(train.graphs)[0])
     formulas = [c.reduced_formula for c in compositions(templates.counts)]
     if args.oracle is None:

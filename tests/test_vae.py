@@ -249,6 +249,7 @@ def test_a_time_budget_stops_after_the_epoch_that_spends_it(splits, tmp_path):
     # The spent budget is part of the checkpoint: started again, the run stays stopped.
     again = fit_vae(tiny, budgeted, small["train"], small["val"], tmp_path, progress=False)
     assert (len(again.history), again.stop_reason) == (1, "time_budget")
+    assert again.train_s == result.train_s > 0
 
 
 def test_design_moves_the_vae_property_toward_the_target(trained, splits):

@@ -159,13 +159,17 @@ def reconstruction_metrics(trained: TrainedVAE, dataset: Dataset, reference: Dat
 
 @dataclasses.dataclass
 class VAEFitResult:
-    """Outcome of ``fit_vae``: the best-validation VAE and the per-epoch log."""
+    """Outcome of ``fit_vae``: the best-validation VAE and the per-epoch log.
+
+    wall_s: this call's time; train_s: training time summed over resumed sessions.
+    """
 
     trained: TrainedVAE
     history: list[dict]
     best_epoch: int
     stop_reason: str
     wall_s: float
+    train_s: float
 
 
 def _check_sizes(name: str, dataset: Dataset, config: VAEConfig) -> None:
@@ -329,7 +333,7 @@ def fit_vae(
             ckpt.wait()
             ckpt.close()
     trained = TrainedVAE(create_vae(config), best_variables, property_scaler, lattice_scaler)
-    return VAEFitResult(trained, rec["history"], rec["best_epoch"], stop_reason, time.perf_counter() - start)
+    return VAEFitResult(trained, rec["history"], rec["best_epoch"], stop_reason, time.perf_counter() - start, rec["train_s"])
 
 
 def load_vae(workdir: str | Path) -> TrainedVAE:
