@@ -17,16 +17,13 @@ author (torch CGCNN is not part of this repository), so ratio = value / constant
 
 from __future__ import annotations
 
-import argparse
-import logging
 import time
-import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import emit, median_seconds
+from common import emit, median_seconds, parse_args
 from matjax.config import CGCNNConfig, TrainConfig
 from matjax.data.batching import budget_for
 from matjax.data.dataset import Dataset
@@ -61,11 +58,7 @@ def crystals(n: int) -> tuple[Dataset, str]:
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="finish in < 60 s")
-    args = parser.parse_args()
-    warnings.simplefilter("ignore")
-    logging.basicConfig(level=logging.ERROR)
+    args = parse_args()
     data, source = crystals(2560 if args.quick else 12595)
     repeats = 3 if args.quick else 5
     model_config, train_config = CGCNNConfig(), TrainConfig(batch_size=BATCH)

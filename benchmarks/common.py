@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 import os
 import platform
 import statistics
 import time
+import warnings
 
 
 def device_name() -> str:
@@ -47,3 +50,15 @@ def median_seconds(fn, repeats: int) -> tuple[float, float]:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times), min(times)
+
+
+def parse_args(parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """Command line with ``--quick``; warnings and library logs are silenced so stdout
+    carries only the JSON lines."""
+    parser = parser or argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="finish in < 60 s")
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    logging.basicConfig(level=logging.ERROR)
+    return args
+

@@ -9,15 +9,12 @@ Uses mp20-lite from the shared data folder, or the built-in EMT alloys when it i
 
 from __future__ import annotations
 
-import argparse
-import logging
 import tempfile
-import warnings
 
 import numpy as np
 from pymatgen.core import Element
 
-from common import emit, median_seconds
+from common import emit, median_seconds, parse_args
 from matjax.data.graphs import structure_to_graph
 from matjax.data.sources import _parse_cif, load_csv, mp20_lite_paths, read_cdvae_csv, shared_data_dir
 
@@ -53,11 +50,7 @@ def sample_structures(n: int):
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="finish in < 60 s")
-    args = parser.parse_args()
-    warnings.simplefilter("ignore")
-    logging.basicConfig(level=logging.ERROR)
+    args = parse_args()
     structures = sample_structures(300 if args.quick else 2000)
     repeats = 3 if args.quick else 5
     for s in structures[:20]:  # warm-up: imports, element tables, allocator

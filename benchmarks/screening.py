@@ -13,14 +13,12 @@ Without the shared data the parents are the built-in EMT alloys.
 from __future__ import annotations
 
 import argparse
-import logging
 import time
-import warnings
 
 import jax
 import numpy as np
 
-from common import emit, median_seconds
+from common import emit, median_seconds, parse_args
 from matjax.config import CGCNNConfig
 from matjax.data.graphs import build_graph, pack, take
 from matjax.discovery.fingerprint import first_occurrences, graph_fingerprints
@@ -79,11 +77,8 @@ def naive_screen(predictor, parents, candidates):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="finish in < 60 s")
-    parser.add_argument("--parents", type=int, help="parent crystals (default 300 quick, 3000 full)")
-    args = parser.parse_args()
-    warnings.simplefilter("ignore")
-    logging.basicConfig(level=logging.ERROR)
+    parser.add_argument("--parents", type=int, help="parent crystals (default 100 quick, 3000 full)")
+    args = parse_args(parser)
     parents, source = load_parents(args.parents or (100 if args.quick else 3000))
     generate(take(parents, np.arange(20)))  # warm-up: substitution tables, element data
     start = time.perf_counter()

@@ -239,6 +239,7 @@ class MDConfig:
     friction_per_fs: float = 0.01
     tau_fs: float = 100.0
     skin: float = 0.5
+    seed: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
@@ -138,3 +138,15 @@ class Checkpointer:
 def abstract_like(tree: Any, sharding=None) -> Any:
     """ShapeDtypeStructs of ``tree`` (optionally placed with ``sharding``) to restore into."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def restore_best(workdir: str | Path, abstract_for: Callable[[dict], Any], what: str = "model") -> tuple[Any, dict]:
+    """(variables, saved configs) of the best-validation checkpoint of a training run;
+    ``abstract_for(configs)`` gives the variables' shapes, which depend on the saved configs."""
+    with Checkpointer(workdir, {}) as ckpt:
+        record = ckpt.record("best")
+        if record is None:
+            raise FileNotFoundError(f"no 'best' {what} checkpoint under {Path(workdir).absolute()}")
+        variables, _ = ckpt.restore("best", abstract_like(abstract_for(record["configs"])), compare=())
+    return variables, record["configs"]
+

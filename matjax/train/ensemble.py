@@ -22,11 +22,11 @@ import jraph
 import numpy as np
 import scipy.stats
 
-from matjax.config import CGCNNConfig, TrainConfig
+from matjax.config import CGCNNConfig
 from matjax.data.batching import Budget, budget_for
 from matjax.data.graphs import PackedGraphs
 from matjax.models.cgcnn import create_model
-from matjax.train.checkpoint import Checkpointer, abstract_like, config_from_dict
+from matjax.train.checkpoint import config_from_dict, restore_best
 from matjax.train.losses import TargetScaler
 from matjax.train.sharding import DeviceBatcher, data_mesh
 
@@ -127,19 +127,16 @@ class EnsemblePredictor:
 
 def load_predictor(workdir: str | Path) -> EnsemblePredictor:
     """The best-validation ensemble of a training run directory (``fit(..., workdir)``)."""
-    with Checkpointer(workdir, {}) as ckpt:
-        record = ckpt.record("best")
-        if record is None:
-            raise FileNotFoundError(f"no 'best' checkpoint under {Path(workdir).absolute()}")
-        configs = record["configs"]
-        model_config = config_from_dict(CGCNNConfig, configs["model"])
-        train_config = config_from_dict(TrainConfig, configs["train"])
-        model = create_model(model_config)
-        keys = jax.random.split(jax.random.PRNGKey(0), train_config.ensemble_size)
-        abstract = jax.eval_shape(jax.vmap(lambda k: model.init(k, example_batch(), train=False)), keys)
-        variables, _ = ckpt.restore("best", abstract_like(abstract), compare=())
+
+    def abstract(configs: dict):
+        model = create_model(config_from_dict(CGCNNConfig, configs["model"]))
+        keys = jax.random.split(jax.random.PRNGKey(0), configs["train"]["ensemble_size"])
+        return jax.eval_shape(jax.vmap(lambda k: model.init(k, example_batch(), train=False)), keys)
+
+    variables, configs = restore_best(workdir, abstract, "ensemble")
+    model_config = config_from_dict(CGCNNConfig, configs["model"])
     scaler = TargetScaler(np.asarray(configs["data"]["target_mean"]), np.asarray(configs["data"]["target_std"]))
-    return EnsemblePredictor(model, variables, scaler, model_config.targets)
+    return EnsemblePredictor(create_model(model_config), variables, scaler, model_config.targets)
 
 
 def example_batch() -> jraph.GraphsTuple:

@@ -113,6 +113,16 @@ def init_state(model, tx, plateau, keys: jnp.ndarray, example: jraph.GraphsTuple
     return jax.jit(jax.vmap(one))(keys)
 
 
+def guarded_update(state: TrainState, tx, loss: jnp.ndarray, grads, **replace) -> tuple[TrainState, jnp.ndarray]:
+    """(state after one optimizer step scaled by the plateau factor, finite). A non-finite
+    loss or gradient keeps the old state, so one bad batch cannot poison the parameters."""
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    updates = jax.tree.map(lambda u: state.plateau.scale * u, updates)
+    new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state, **replace)
+    finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
+    return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state), finite
+
+
 def _member_step(model, tx, state: TrainState, batch: jraph.GraphsTuple):
     """One optimiser step of one model on this device's sub-batch (inside shard_map)."""
     mask = jraph.get_graph_padding_mask(batch)
@@ -130,13 +140,7 @@ def _member_step(model, tx, state: TrainState, batch: jraph.GraphsTuple):
     # The gradient of the replicated params is summed over devices by shard_map's transpose.
     (loss, (batch_stats, abs_error)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     loss, abs_error = jax.lax.psum((loss, abs_error), AXIS)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    updates = jax.tree.map(lambda u: state.plateau.scale * u, updates)
-    new = state.replace(
-        step=state.step + 1, params=optax.apply_updates(state.params, updates), batch_stats=batch_stats, opt_state=opt_state
-    )
-    finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
-    new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
+    new, finite = guarded_update(state, tx, loss, grads, batch_stats=batch_stats)
     return new, (abs_error, n_real, ~finite)
 
 

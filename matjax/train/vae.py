@@ -29,7 +29,6 @@ import jax
 import jax.numpy as jnp
 import jraph
 import numpy as np
-import optax
 from tqdm.auto import tqdm
 
 from matjax.config import TrainConfig, VAEConfig
@@ -38,8 +37,9 @@ from matjax.data.dataset import Dataset
 from matjax.data.graphs import PackedGraphs, concat
 from matjax.models.vae import (N_ELEMENTS, CrystalVAE, LatticeScaler, create_vae, decode_composition, kl_weight, lattice_parameters,
                                vae_loss)
-from matjax.train.checkpoint import Checkpointer, abstract_like, config_from_dict, config_to_dict
-from matjax.train.loop import NonFiniteLossError, TrainState, _stop_reason, check_split, create_optimizer, create_plateau
+from matjax.train.checkpoint import Checkpointer, abstract_like, config_from_dict, config_to_dict, restore_best
+from matjax.train.loop import (NonFiniteLossError, TrainState, _stop_reason, check_split, create_optimizer, create_plateau,
+                               guarded_update)
 from matjax.train.losses import TargetScaler
 from matjax.train.sharding import DeviceBatcher, data_mesh, replicated
 
@@ -203,13 +203,7 @@ def _make_steps(model, tx, lattice_scaler: LatticeScaler, config: VAEConfig, war
             return loss, (updated["batch_stats"], terms)
 
         (loss, (batch_stats, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        updates = jax.tree.map(lambda u: state.plateau.scale * u, updates)
-        new = state.replace(
-            step=state.step + 1, params=optax.apply_updates(state.params, updates), batch_stats=batch_stats, opt_state=opt_state
-        )
-        finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
-        new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
+        new, finite = guarded_update(state, tx, loss, grads, batch_stats=batch_stats)
         count = jnp.sum(jraph.get_graph_padding_mask(batch)).astype(jnp.float32)
         return new, add(sums, jax.tree.map(lambda t: jnp.where(finite, t, 0.0), terms), jnp.where(finite, loss, 0.0), count, ~finite)
 
@@ -338,19 +332,16 @@ def fit_vae(
 
 def load_vae(workdir: str | Path) -> TrainedVAE:
     """The best-validation VAE of a ``fit_vae(..., workdir)`` run."""
-    with Checkpointer(workdir, {}) as ckpt:
-        record = ckpt.record("best")
-        if record is None:
-            raise FileNotFoundError(f"no 'best' VAE checkpoint under {Path(workdir).absolute()}")
-        configs = record["configs"]
-        model = create_vae(config_from_dict(VAEConfig, configs["model"]))
-        from matjax.train.ensemble import example_batch
+    from matjax.train.ensemble import example_batch
 
-        batch = example_batch()
-        abstract = jax.eval_shape(lambda k: model.init(k, batch, k, train=False), jax.random.PRNGKey(0))
-        variables, _ = ckpt.restore("best", abstract_like(abstract), compare=())
+    def abstract(configs: dict):
+        model = create_vae(config_from_dict(VAEConfig, configs["model"]))
+        return jax.eval_shape(lambda k: model.init(k, example_batch(), k, train=False), jax.random.PRNGKey(0))
+
+    variables, configs = restore_best(workdir, abstract, "VAE")
     data = configs["data"]
     return TrainedVAE(
-        model, variables, TargetScaler(np.asarray(data["target_mean"]), np.asarray(data["target_std"])),
+        create_vae(config_from_dict(VAEConfig, configs["model"])), variables,
+        TargetScaler(np.asarray(data["target_mean"]), np.asarray(data["target_std"])),
         LatticeScaler(np.asarray(data["lattice_mean"]), np.asarray(data["lattice_std"])),
     )
