@@ -61,4 +61,3 @@ def parse_args(parser: argparse.ArgumentParser | None = None) -> argparse.Namesp
     warnings.simplefilter("ignore")
     logging.basicConfig(level=logging.ERROR)
     return args
-

@@ -87,4 +87,3 @@ def rank_candidates(mean: np.ndarray, std: np.ndarray, e_above_hull: np.ndarray,
         taken[formulas[i]] = taken.get(formulas[i], 0) + 1
         keep[k] = taken[formulas[i]] <= max_per_formula
     return order[keep]
-

@@ -240,4 +240,3 @@ def topology_reusable(parents: PackedGraphs, candidates: Candidates, cutoff: flo
     farthest = np.maximum.reduceat(parents.distances, edge_start) if len(parents.distances) else np.zeros(0)
     scaled = farthest[candidates.parent] * np.cbrt(candidates.volume_scale)
     return full[candidates.parent] & (scaled <= cutoff)
-

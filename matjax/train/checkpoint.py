@@ -149,4 +149,3 @@ def restore_best(workdir: str | Path, abstract_for: Callable[[dict], Any], what:
             raise FileNotFoundError(f"no 'best' {what} checkpoint under {Path(workdir).absolute()}")
         variables, _ = ckpt.restore("best", abstract_like(abstract_for(record["configs"])), compare=())
     return variables, record["configs"]
-
