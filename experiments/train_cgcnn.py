@@ -30,17 +30,17 @@ from matjax.train.loop import fit
 FE, GAP = "formation_energy_per_atom", "band_gap"
 REFERENCE = CGCNNConfig()  # Xie's defaults: 8 A, 12 neighbours, 64 features, 3 convs
 MP20 = dict(source="mp20lite", model=dataclasses.replace(REFERENCE, atom_features=128, n_conv=4, hidden_features=256))
-# One hour of CPU per model, as the reference's 280 epochs (55 min); the time budget ends the run.
-MP20_TRAIN = TrainConfig(batch_size=64, learning_rate=1e-3, weight_decay=1e-4, max_epochs=3000, early_stopping=200,
-                         plateau_patience=20, warmup_epochs=2, checkpoint_every=2000, time_budget_s=3300.0)
+# 120 epochs annealed along a cosine: about 25 minutes per model on an idle 2-core CPU, well
+# inside the reference's hour (280 epochs, 55 min); the time budget is only a guard.
+MP20_TRAIN = TrainConfig(batch_size=64, learning_rate=1e-3, weight_decay=1e-4, max_epochs=120, early_stopping=200,
+                         plateau_patience=20, warmup_epochs=2, cosine_decay=True, checkpoint_every=2000, time_budget_s=3300.0)
 CONFIGS = {
     "default": dict(source="emt", emt_n=400, model=dataclasses.replace(REFERENCE, graph=GraphConfig(6.0, 12, 31)),
                     train=TrainConfig(batch_size=32, max_epochs=150, early_stopping=40, ensemble_size=4)),
     "test": dict(source="emt", emt_n=120, model=CGCNNConfig(GraphConfig(6.0, 12, 21), atom_features=16, n_conv=2, hidden_features=32),
                  train=TrainConfig(batch_size=16, learning_rate=3e-3, max_epochs=60, plateau_patience=10, ensemble_size=2)),
     "mp20lite": dict(MP20, train=MP20_TRAIN),
-    "mp20lite_ensemble": dict(MP20, model=dataclasses.replace(MP20["model"], targets=(FE, GAP)),
-                              train=dataclasses.replace(MP20_TRAIN, ensemble_size=4, time_budget_s=4 * 3300.0)),
+    "mp20lite_ensemble": dict(MP20, train=dataclasses.replace(MP20_TRAIN, ensemble_size=3, time_budget_s=3 * 3300.0)),
     "mp20lite_band_gap": dict(MP20, model=dataclasses.replace(MP20["model"], targets=(GAP,)), train=MP20_TRAIN),
     "mp20lite_reference": dict(source="mp20lite", model=REFERENCE, train=TrainConfig(batch_size=256, max_epochs=280)),
 }

@@ -131,7 +131,10 @@ class TrainConfig:
     average crystals); learning_rate / weight_decay: AdamW; max_epochs; early_stopping:
     epochs without a better validation MAE before stopping; plateau_patience /
     plateau_factor / min_lr_scale: reduce-on-plateau of the learning rate on the
-    validation MAE; warmup_epochs: linear learning-rate warm-up; grad_clip: global-norm
+    validation MAE; warmup_epochs: linear learning-rate warm-up; cosine_decay: after the
+    warm-up, decay the learning rate along a cosine to final_lr_fraction of its peak at the
+    end of max_epochs (a run meant to end by time_budget_s should set max_epochs to the
+    epochs that fit, so it ends annealed); grad_clip: global-norm
     clipping (None: off); ensemble_size: K models trained together (vmapped over their
     PRNG keys); checkpoint_every: steps between "latest" checkpoints (and at every
     epoch end); n_devices: data-parallel devices (None: all); member_batching: how the
@@ -150,6 +153,8 @@ class TrainConfig:
     plateau_factor: float = 0.5
     min_lr_scale: float = 1e-3
     warmup_epochs: int = 0
+    cosine_decay: bool = False
+    final_lr_fraction: float = 0.01
     grad_clip: float | None = None
     ensemble_size: int = 1
     checkpoint_every: int = 500

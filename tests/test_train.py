@@ -17,7 +17,7 @@ from matjax.data.sources import dataset_from_frame
 from matjax.train.checkpoint import CheckpointMismatchError, Checkpointer, config_from_dict, config_to_dict
 from matjax.train.ensemble import ensemble_apply, ensemble_predict, load_predictor, uncertainty_report
 from matjax.train.losses import TargetScaler
-from matjax.train.loop import NonFiniteLossError, fit
+from matjax.train.loop import NonFiniteLossError, create_optimizer, fit
 from matjax.train.sharding import DeviceBatcher, data_mesh
 
 MODEL = CGCNNConfig(
@@ -166,6 +166,25 @@ def test_uncertainty_report_ranks_errors():
 def test_configs_round_trip_through_json():
     assert config_from_dict(CGCNNConfig, config_to_dict(MODEL)) == MODEL
     assert config_from_dict(TrainConfig, config_to_dict(TRAIN)) == TRAIN
+
+
+def test_cosine_schedule_warms_up_peaks_and_anneals_to_its_floor():
+    """With a constant gradient every Adam step moves a parameter by exactly the learning rate,
+    so the steps trace the schedule: linear warm-up, the peak, a cosine down to the floor."""
+    config = TrainConfig(learning_rate=1e-2, weight_decay=0.0, max_epochs=10, warmup_epochs=2, cosine_decay=True,
+                         final_lr_fraction=0.1)
+    tx = create_optimizer(config, steps_per_epoch=5)
+    params, grads = jnp.zeros(()), jnp.ones(())
+    state, sizes = tx.init(params), []
+    for _ in range(config.max_epochs * 5 + 5):
+        updates, state = tx.update(grads, state, params)
+        sizes.append(-float(updates))
+    sizes = np.array(sizes)
+    np.testing.assert_allclose(sizes[:10], 1e-2 * np.arange(10) / 10, atol=1e-7)
+    np.testing.assert_allclose(sizes[10], 1e-2, rtol=1e-5)
+    np.testing.assert_allclose(sizes[30], 1e-3 + 0.5 * 9e-3, rtol=1e-4)  # half-way through the decay
+    np.testing.assert_allclose(sizes[50:], 1e-3, rtol=1e-4)  # the floor, also past max_epochs
+    assert np.all(np.diff(sizes[10:50]) < 0)
 
 
 def test_target_scaler_standardises_and_inverts():

@@ -84,13 +84,19 @@ class EpochSums:
 
 
 def create_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
-    """AdamW (decoupled weight decay), optional linear warm-up and global-norm clipping.
+    """AdamW (decoupled weight decay), optional linear warm-up, optional cosine decay to
+    ``final_lr_fraction`` of the peak at the end of ``max_epochs``, and global-norm clipping.
 
     The reduce-on-plateau factor (``create_plateau``) multiplies its updates.
     """
     lr: Any = config.learning_rate
-    if config.warmup_epochs:
-        lr = optax.linear_schedule(0.0, config.learning_rate, config.warmup_epochs * steps_per_epoch)
+    warmup = config.warmup_epochs * steps_per_epoch
+    if config.cosine_decay:
+        total = max(config.max_epochs * steps_per_epoch, warmup + 1)
+        lr = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup, total,
+                                                end_value=config.learning_rate * config.final_lr_fraction)
+    elif warmup:
+        lr = optax.linear_schedule(0.0, config.learning_rate, warmup)
     clip = [optax.clip_by_global_norm(config.grad_clip)] if config.grad_clip else []
     return optax.chain(*clip, optax.adamw(lr, weight_decay=config.weight_decay))
 
