@@ -141,6 +141,29 @@ def test_unrelaxed_structures_train_with_their_relaxed_energy(finished, cache_di
     assert len(val) > 0 and not base(train.ids) & base(val.ids)
 
 
+def test_validated_candidates_leave_the_pool(initial, cache_dir):
+    """A candidate the oracle has relaxed (its unrelaxed CIF is in the known rows) is not
+    proposed again; every other candidate stays."""
+    from pymatgen.io.cif import CifWriter
+
+    from matjax.data.graphs import graph_to_structure
+    from matjax.discovery.fingerprint import graph_fingerprints
+    from matjax.discovery.substitution import candidate_graphs
+
+    known = load(initial)
+    hull = active.known_hull(known)
+    parents, candidates = active.build_pool(known, hull, CFG)
+    picked = np.arange(0, len(candidates), 7)
+    graphs = candidate_graphs(parents, candidates, picked)
+    # The loop's path: an unrelaxed candidate travels as a CIF and is rebuilt from it.
+    rows = pd.DataFrame({"material_id": [f"v{i}" for i in picked], active.TARGET: 0.0,
+                         "cif": [str(CifWriter(graph_to_structure(graphs.graph(k)))) for k in range(len(picked))]})
+    _, remaining = active.build_pool(known, hull, CFG, seen=load(rows).graphs)
+    assert len(remaining) == len(candidates) - len(picked)
+    left = graph_fingerprints(candidate_graphs(parents, remaining))
+    assert not np.isin(graph_fingerprints(graphs), left).any()
+
+
 def test_ranking_keeps_formers_and_caps_polymorphs():
     mean = np.array([-0.10, -0.20, 0.10, -0.30, -0.05])
     e_hull = np.array([-0.01, -0.03, -0.50, -0.02, 0.00])

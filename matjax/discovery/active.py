@@ -88,23 +88,31 @@ def _save_csv(path: Path, frame: pd.DataFrame) -> None:
     os.replace(tmp, path)
 
 
-def build_pool(known: Dataset, hull: Hull, cfg: DiscoveryConfig) -> tuple[PackedGraphs, Candidates]:
+def build_pool(known: Dataset, hull: Hull, cfg: DiscoveryConfig,
+               seen: PackedGraphs | None = None) -> tuple[PackedGraphs, Candidates]:
     """(parent graphs, candidates): substitutions into known crystals near the hull, with
-    duplicates and already-known crystals removed by fingerprint."""
+    duplicates, known crystals and ``seen`` structures removed by fingerprint.
+
+    seen: structures the oracle has already answered for, e.g. the unrelaxed candidates
+    validated in earlier rounds (the training set holds them). Regenerated from a parent, such a
+    candidate relaxes into its own known crystal again: it cannot be a hit and teaches nothing,
+    yet its prediction sits on the hull it helped to make, which ranks it high.
+    """
     e_hull = hull.e_above_hull(graph_formulas(known.graphs), known.target(TARGET))
     parents = take(known.graphs, np.flatnonzero(e_hull <= cfg.parent_max_e_above_hull))
     if len(parents) == 0:
         raise ValueError(f"no known crystal within {cfg.parent_max_e_above_hull} eV/atom of the hull to substitute into")
     candidates = generate_candidates(parents, cfg.allowed_elements, cfg.substitution_threshold)
-    keep = first_occurrences(graph_fingerprints(candidate_graphs(parents, candidates)),
-                             exclude=graph_fingerprints(known.graphs))
+    exclude = [graph_fingerprints(g) for g in (known.graphs, seen) if g is not None]
+    keep = first_occurrences(graph_fingerprints(candidate_graphs(parents, candidates)), exclude=np.concatenate(exclude))
     return parents, candidates.subset(np.flatnonzero(keep))
 
 
-def _pool(path: Path, known: Dataset, hull: Hull, cfg: DiscoveryConfig) -> tuple[PackedGraphs, Candidates]:
+def _pool(path: Path, known: Dataset, hull: Hull, cfg: DiscoveryConfig,
+          seen: PackedGraphs | None) -> tuple[PackedGraphs, Candidates]:
     """build_pool, saved to (and later read from) ``path``."""
     if not path.exists():
-        parents, candidates = build_pool(known, hull, cfg)
+        parents, candidates = build_pool(known, hull, cfg, seen)
         _save_npz(path, **{f"parent_{k}": v for k, v in parents.arrays().items()},
                   **{f"cand_{f.name}": getattr(candidates, f.name) for f in dataclasses.fields(candidates)})
     saved = np.load(path)
@@ -224,8 +232,9 @@ def run_round(r: int, known_rows: pd.DataFrame, load: Any, surrogate: Surrogate,
     rdir.mkdir(parents=True, exist_ok=True)
     known = load(known_rows)
     hull = known_hull(known)
-    state = surrogate.fit(*train_val_split(load(training_rows(known_rows))), rdir / "model", warm_start)
-    parents, candidates = _pool(rdir / "pool.npz", known, hull, cfg)
+    training = load(training_rows(known_rows))
+    state = surrogate.fit(*train_val_split(training), rdir / "model", warm_start)
+    parents, candidates = _pool(rdir / "pool.npz", known, hull, cfg, training.graphs)
     if not (rdir / "screen.npz").exists():
         screened = screen(lambda g: surrogate.predict(state, g), parents, candidates)
         _save_npz(rdir / "screen.npz", mean=screened.mean, std=screened.std)
