@@ -13,7 +13,7 @@ from matjax.data.sources import dataset_from_frame
 from matjax.discovery import active
 from matjax.discovery.oracles import emt_oracle
 from matjax.discovery.report import write_report
-from matjax.discovery.screening import rank_candidates
+from matjax.discovery.screening import candidate_formulas, rank_candidates
 from matjax.discovery.simulated import simulated_discovery, stable_labels
 
 
@@ -162,6 +162,43 @@ def test_validated_candidates_leave_the_pool(initial, cache_dir):
     assert len(remaining) == len(candidates) - len(picked)
     left = graph_fingerprints(candidate_graphs(parents, remaining))
     assert not np.isin(graph_fingerprints(graphs), left).any()
+
+
+def test_a_distorted_copy_of_a_known_crystal_is_not_a_candidate(initial, cache_dir):
+    """The fingerprint misses a rattled, strained copy of a known crystal; the shortlist's
+    StructureMatcher test catches it, and passes other structures of the same composition."""
+    from matjax.data.graphs import graph_to_structure
+    from matjax.discovery.fingerprint import graph_fingerprints
+    from matjax.discovery.substitution import candidate_graphs
+
+    known = load(initial)
+    parents, candidates = active.build_pool(known, active.known_hull(known), CFG)
+    formulas = candidate_formulas(candidates, parents, np.arange(len(candidates)))
+    first = next(i for i, f in enumerate(formulas) if formulas.count(f) > 1)  # a composition with polymorphs
+    same = [i for i, f in enumerate(formulas) if f == formulas[first] and i != first]
+    copy = graph_to_structure(candidate_graphs(parents, candidates, [first]).graph(0))
+    copy.perturb(0.05, min_distance=0.02)
+    copy.apply_strain(0.02)
+    seen = load(pd.DataFrame({"material_id": ["copy"], "cif": [copy.to(fmt="cif")], active.TARGET: 0.0}))
+    assert graph_fingerprints(seen.graphs)[0] != graph_fingerprints(candidate_graphs(parents, candidates, [first]))[0]
+    is_known = active.known_candidate_test(parents, candidates, seen)
+    assert is_known(first)
+    assert not all(is_known(i) for i in same)
+
+
+def test_choose_skips_known_candidates_in_both_picks():
+    mean = np.array([-0.10, -0.20, 0.10, -0.30, -0.05, -0.01])
+    e_hull = np.array([-0.01, -0.03, -0.50, -0.02, 0.00, 0.02])
+    formulas = ["CuPd", "CuPd", "AlNi", "CuPd", "AgAu", "AlAu"]
+    cfg = DiscoveryConfig(n_select=3, n_random=4, max_per_formula=1)
+    known = {1, 2}
+    selected, random = active.choose(mean, np.zeros(6), e_hull, formulas, cfg, np.random.default_rng(0),
+                                     lambda i: i in known)
+    # Ranked 1, 3, 0, 4, 5: 1 is known, so CuPd's one slot goes to 3, the next CuPd (0) is capped.
+    assert selected.tolist() == [3, 4, 5]
+    assert len(random) == 4 and not known & set(random.tolist()) and len(set(random.tolist())) == 4
+    unfiltered = active.choose(mean, np.zeros(6), e_hull, formulas, cfg, np.random.default_rng(0))[0]
+    assert unfiltered.tolist() == [1, 4, 5]
 
 
 def test_ranking_keeps_formers_and_caps_polymorphs():

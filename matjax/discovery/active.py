@@ -3,9 +3,11 @@
 Round r = 1, 2, ... works in ``<run_dir>/round-<r>/`` and saves every stage's output atomically::
 
     model/        the surrogate's checkpoints (it resumes from them)
-    pool.npz      substitution candidates into near-hull known crystals, de-duplicated
+    pool.npz      substitution candidates into near-hull known crystals, de-duplicated by
+                  fingerprint against each other and every structure known or already validated
     screen.npz    ensemble mean and std of the formation energy of every candidate
-    picks.csv     candidates chosen by the acquisition and at random (the baseline)
+    picks.csv     candidates chosen by the acquisition and at random (the baseline), both
+                  skipping any that StructureMatcher finds among the known structures
     oracle.csv    their validated formation energies, relaxed structures and hit flags
 
 ``<run_dir>/known-0.csv`` is the initial labelled set (CDVAE rows); round r starts from
@@ -15,17 +17,22 @@ file exists is not redone, so a killed run resumes in the stage it was in.
 A *hit* is a validated crystal whose formation energy lies on or below the convex hull of
 the crystals known at the start of its round (within ``hit_tolerance``) and that is not a
 known crystal relaxed back into itself (pymatgen StructureMatcher). Enrichment is the hit
-rate of the acquisition's picks over that of random picks from the same pool.
+rate of the acquisition's picks over that of random picks from the same pool. Known
+structures are kept out of that pool twice: cheaply by fingerprint for every candidate, then
+by StructureMatcher for the candidates actually picked. Without the second check a later
+round fills with distorted copies of crystals it has just found: the model correctly predicts
+them on the hull (a coin flip for the acquisition) and each relaxes back into a known crystal.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import pandas as pd
@@ -37,7 +44,7 @@ from matjax.data.graphs import PackedGraphs, graph_to_structure, take
 from matjax.data.splits import split_indices
 from matjax.discovery.fingerprint import first_occurrences, graph_fingerprints
 from matjax.discovery.hull import Hull
-from matjax.discovery.screening import candidate_formulas, rank_candidates, screen
+from matjax.discovery.screening import candidate_formulas, cap_per_formula, rank_candidates, screen
 from matjax.discovery.substitution import Candidates, candidate_graphs, generate_candidates
 
 log = logging.getLogger("matjax")
@@ -121,19 +128,40 @@ def _pool(path: Path, known: Dataset, hull: Hull, cfg: DiscoveryConfig,
 
 
 def choose(mean: np.ndarray, std: np.ndarray, e_hull_pred: np.ndarray, formulas: list[str], cfg: DiscoveryConfig,
-           rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+           rng: np.random.Generator, is_known: Callable[[int], bool] = lambda i: False) -> tuple[np.ndarray, np.ndarray]:
     """(selected, random) candidate indices: the n_select most probable hits among candidates
-    predicted to form (``rank_candidates``), and n_random uniform picks of the pool."""
-    order = rank_candidates(mean, std, e_hull_pred, formulas, cfg.noise_floor, cfg.max_per_formula)
-    random = rng.choice(len(mean), size=min(cfg.n_random, len(mean)), replace=False)
-    return order[: cfg.n_select], random
+    predicted to form (``rank_candidates``), and n_random uniform picks of the pool; both skip
+    candidates for which ``is_known(i)`` (checked lazily, only as far down as needed)."""
+    order = (i for i in rank_candidates(mean, std, e_hull_pred, formulas, cfg.noise_floor, None) if not is_known(i))
+    selected = itertools.islice(cap_per_formula(order, formulas, cfg.max_per_formula), cfg.n_select)
+    random = itertools.islice((i for i in rng.permutation(len(mean)) if not is_known(i)), cfg.n_random)
+    return np.fromiter(selected, dtype=np.int64), np.fromiter(random, dtype=np.int64)
 
 
-def _rediscovered(structure, known_by_formula: dict) -> bool:
+def structures_by_formula(data: Dataset) -> dict[str, list]:
+    """Reduced formula -> pymatgen Structures of that composition in ``data``."""
+    out: dict[str, list] = {}
+    for i, f in enumerate(graph_formulas(data.graphs)):
+        out.setdefault(f, []).append(data.structure(i))
+    return out
+
+
+def matches_known(structure, known_by_formula: dict) -> bool:
+    """Whether pymatgen's StructureMatcher (volume rescaled) finds ``structure`` among the
+    known structures of its composition."""
     from pymatgen.analysis.structure_matcher import StructureMatcher
 
     same = known_by_formula.get(structure.composition.reduced_formula, [])
     return any(StructureMatcher().fit(structure, other) for other in same)
+
+
+def known_candidate_test(parents: PackedGraphs, candidates: Candidates, seen: Dataset) -> Callable[[int], bool]:
+    """is_known(i): candidate i, as generated (unrelaxed), matches a crystal of ``seen`` (e.g.
+    the training set: known crystals relaxed and as first proposed). The fingerprint that
+    built the pool only removes near-exact copies; a distorted copy of a known prototype
+    relaxes back into it, a rediscovery, which the oracle would be asked to confirm for nothing."""
+    by_formula = structures_by_formula(seen)
+    return lambda i: matches_known(graph_to_structure(candidate_graphs(parents, candidates, [i]).graph(0)), by_formula)
 
 
 def validate(oracle: Oracle, parents: PackedGraphs, candidates: Candidates, picks: pd.DataFrame,
@@ -145,10 +173,7 @@ def validate(oracle: Oracle, parents: PackedGraphs, candidates: Candidates, pick
     graphs = candidate_graphs(parents, candidates, unique["candidate"].to_numpy())
     proposals = [graph_to_structure(graphs.graph(i)) for i in range(len(graphs))]
     results = oracle.evaluate(unique["id"].tolist(), proposals)
-    formulas = graph_formulas(known.graphs)
-    by_formula: dict[str, list] = {}
-    for i, f in enumerate(formulas):
-        by_formula.setdefault(f, []).append(known.structure(i))
+    by_formula = structures_by_formula(known)
     rows = []
     for r, proposal in zip(results, proposals):
         row = {"id": r.id, "validated_e_form": r.formation_energy_per_atom, "error": r.error, "cif": None,
@@ -157,7 +182,7 @@ def validate(oracle: Oracle, parents: PackedGraphs, candidates: Candidates, pick
         if r.ok:
             formula = r.structure.composition.reduced_formula
             e_hull = float(hull.e_above_hull([formula], [r.formation_energy_per_atom])[0])
-            rediscovery = _rediscovered(r.structure, by_formula)
+            rediscovery = matches_known(r.structure, by_formula)
             row.update(cif=str(CifWriter(r.structure)), validated_e_above_hull=e_hull, rediscovery=rediscovery,
                        hit=bool(e_hull <= tolerance and not rediscovery))
         rows.append(row)
@@ -243,7 +268,8 @@ def run_round(r: int, known_rows: pd.DataFrame, load: Any, surrogate: Surrogate,
     if not (rdir / "picks.csv").exists():
         formulas = candidate_formulas(candidates, parents, np.arange(len(candidates)))
         e_hull_pred = hull.e_above_hull(formulas, mean)
-        selected, random = choose(mean, std, e_hull_pred, formulas, cfg, np.random.default_rng([cfg.seed, r]))
+        selected, random = choose(mean, std, e_hull_pred, formulas, cfg, np.random.default_rng([cfg.seed, r]),
+                                  known_candidate_test(parents, candidates, training))
         picks = pd.concat([
             pd.DataFrame({"candidate": idx, "kind": kind}) for idx, kind in ((selected, "selected"), (random, "random"))
         ])

@@ -16,7 +16,7 @@ mean or a lower confidence bound (prevalence 12%).
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -81,9 +81,14 @@ def rank_candidates(mean: np.ndarray, std: np.ndarray, e_above_hull: np.ndarray,
     order = eligible[np.argsort(-hit_probability(e_above_hull[eligible], std[eligible], noise_floor), kind="stable")]
     if max_per_formula is None:
         return order
+    return np.fromiter(cap_per_formula(order, formulas, max_per_formula), dtype=order.dtype)
+
+
+def cap_per_formula(order: Iterable[int], formulas, max_per_formula: int | None) -> Iterator[int]:
+    """The indices of ``order`` in turn, skipping any past the ``max_per_formula``-th of its
+    reduced formula (None: no cap). Lazy, so a caller can stop after the first few."""
     taken: dict[str, int] = {}
-    keep = np.zeros(len(order), bool)
-    for k, i in enumerate(order):
+    for i in order:
         taken[formulas[i]] = taken.get(formulas[i], 0) + 1
-        keep[k] = taken[formulas[i]] <= max_per_formula
-    return order[keep]
+        if max_per_formula is None or taken[formulas[i]] <= max_per_formula:
+            yield i
