@@ -40,7 +40,7 @@ CONFIGS = {
         train=TrainConfig(batch_size=32, learning_rate=2e-3, max_epochs=60, early_stopping=30, plateau_patience=10,
                           ensemble_size=5),
         warm_start_epochs=20,
-        discovery=DiscoveryConfig(rounds=3, n_select=24, n_random=64, allowed_elements=ELEMENTS),
+        discovery=DiscoveryConfig(rounds=3, n_select=24, n_random=128, allowed_elements=ELEMENTS),
     ),
     "test": dict(
         emt_n=30,
