@@ -38,6 +38,7 @@ from matjax.geometry.periodic import node_graph_index
 from matjax.models.mlff import MAX_Z, create_model, graph_energy_fn
 from matjax.physics.forces import energy_forces_stress
 from matjax.train.checkpoint import Checkpointer, config_to_dict
+from matjax.train.loop import warmup_cosine
 
 
 class TrainState(struct.PyTreeNode):
@@ -150,11 +151,7 @@ def loss_fn(params, constants, model, batch, cfg: MLFFTrainConfig):
 
 def create_optimizer(cfg: MLFFTrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
     """Adam, warm-up then cosine decay, global-norm clipping."""
-    total = max(cfg.epochs * steps_per_epoch, 1)
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, cfg.learning_rate, min(cfg.warmup_epochs * steps_per_epoch, total - 1), total,
-        end_value=cfg.learning_rate * cfg.final_lr_fraction,
-    )
+    schedule = warmup_cosine(cfg.learning_rate, cfg.warmup_epochs * steps_per_epoch, cfg.epochs * steps_per_epoch, cfg.final_lr_fraction)
     return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), optax.adam(schedule))
 
 

@@ -92,13 +92,20 @@ def create_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.Gradien
     lr: Any = config.learning_rate
     warmup = config.warmup_epochs * steps_per_epoch
     if config.cosine_decay:
-        total = max(config.max_epochs * steps_per_epoch, warmup + 1)
-        lr = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup, total,
-                                                end_value=config.learning_rate * config.final_lr_fraction)
+        lr = warmup_cosine(config.learning_rate, warmup, config.max_epochs * steps_per_epoch, config.final_lr_fraction)
     elif warmup:
         lr = optax.linear_schedule(0.0, config.learning_rate, warmup)
     clip = [optax.clip_by_global_norm(config.grad_clip)] if config.grad_clip else []
     return optax.chain(*clip, optax.adamw(lr, weight_decay=config.weight_decay))
+
+
+def warmup_cosine(peak: float, warmup_steps: int, total_steps: int, final_fraction: float) -> optax.Schedule:
+    """Linear warm-up from 0 to ``peak``, then a cosine to ``final_fraction * peak`` at ``total_steps``.
+
+    A warm-up as long as the run is cut to leave one step of decay, so the schedule always ends at its floor.
+    """
+    total = max(total_steps, 1)
+    return optax.warmup_cosine_decay_schedule(0.0, peak, min(warmup_steps, total - 1), total, end_value=peak * final_fraction)
 
 
 def create_plateau(config: TrainConfig) -> optax.GradientTransformationExtraArgs:
