@@ -253,13 +253,13 @@ class VAEConfig:
 
     encoder: the CGCNN trunk (graph, widths, convolutions); its output layer is replaced by
     the 2 * latent_dim posterior parameters (mu, log-variance). latent_dim: size of z;
-    decoder_features / decoder_layers: the MLP from z shared by the composition, n_atoms,
-    n_species and lattice heads; property_features: width of the property MLP on z;
-    max_atoms / max_species: largest cell and most distinct elements the counting heads
-    can decode (classes 1..max); targets: properties predicted from z, e.g.
+    decoder_features / decoder_layers: the MLP from z shared by the composition,
+    stoichiometry and lattice heads; property_features: width of the property MLP on z;
+    max_atoms / max_species: largest cell and most distinct elements the stoichiometry head
+    can decode (its classes are the partitions of 1..max_atoms into <= max_species parts); targets: properties predicted from z, e.g.
     ("band_gap", "formation_energy_per_atom").
     Loss weights: beta (KL, reached after kl_warmup_epochs of linear warm-up from 0),
-    composition_weight, n_atoms_weight (both counting heads), lattice_weight, property_weight.
+    composition_weight, stoichiometry_weight, lattice_weight, property_weight.
     """
 
     encoder: CGCNNConfig = CGCNNConfig(graph=GraphConfig(cutoff=8.0, max_neighbors=12, num_rbf=41))
@@ -273,7 +273,7 @@ class VAEConfig:
     beta: float = 0.01
     kl_warmup_epochs: int = 10
     composition_weight: float = 1.0
-    n_atoms_weight: float = 1.0
+    stoichiometry_weight: float = 1.0
     lattice_weight: float = 1.0
     property_weight: float = 1.0
 

@@ -143,7 +143,8 @@ def test_experiment_test_config_writes_metrics_plots_and_cifs(tmp_path):
     run_experiment("crystal_vae.py", tmp_path)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     for key in ("composition_validity", "structure_validity", "uniqueness", "novelty", "composition_accuracy", "lattice_mae",
-                "inverse_hit_rate_1p5", "random_hit_rate_1p5", "inverse_hit_rate_3p0", "random_hit_rate_3p0", "dataset", "n_atoms_accuracy"):
+                "inverse_hit_rate_1p5", "random_hit_rate_1p5", "inverse_hit_rate_3p0", "random_hit_rate_3p0", "dataset", "n_atoms_accuracy",
+                "stoichiometry_accuracy", "design_kept_1p5", "design_unchecked_hit_rate_3p0"):
         assert key in metrics, key
     assert 0 <= metrics["composition_validity"] <= 1 and metrics["n_samples"] == 48
     for name in ("latent.png", "design.png"):

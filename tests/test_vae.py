@@ -14,11 +14,12 @@ from pymatgen.core import Lattice
 from crystal_fixtures import toy_crystals
 from matjax.config import CGCNNConfig, GraphConfig, LatentDesignConfig, TrainConfig, VAEConfig
 from matjax.data.batching import Budget, budget_for, graphs_tuple
-from matjax.models.vae import (N_ELEMENTS, LatticeScaler, VAEOutput, apportion, composition_fractions, create_vae,
-                               decode_composition, kl_divergence, kl_weight, lattice_parameters, reparameterize, vae_loss)
+from matjax.models.vae import (N_ELEMENTS, LatticeScaler, VAEOutput, composition_fractions, create_vae, decode_composition,
+                               kl_divergence, kl_weight, lattice_parameters, reparameterize, stoichiometries, stoichiometry_index,
+                               vae_loss)
 from matjax.train.checkpoint import Checkpointer
 from matjax.train.loop import NonFiniteLossError
-from matjax.discovery.latent_design import check_target, design_latents
+from matjax.discovery.latent_design import check_target, design_latents, reencoded_properties
 from matjax.train.vae import fit_vae, graph_counts, load_vae, reconstruction_metrics
 
 CONFIG = VAEConfig(
@@ -98,33 +99,38 @@ def test_lattice_parameters_match_pymatgen_and_the_scaler_inverts():
     np.testing.assert_allclose(scaler.transform(scaled, 2 * n_atoms), x, atol=1e-9)
 
 
-def test_apportion_sums_to_n_and_follows_the_quota():
-    rng = np.random.default_rng(1)
-    probs = rng.dirichlet(np.full(8, 0.3), 500)
-    n = rng.integers(1, 21, 500)
-    counts = np.asarray(apportion(jnp.asarray(probs, jnp.float32), jnp.asarray(n)))
-    np.testing.assert_array_equal(counts.sum(1), n)
-    quota = probs * n[:, None]
-    assert np.all(counts >= np.floor(quota - 1e-5)) and np.all(counts <= np.ceil(quota + 1e-5))  # quota rule
-    exact = np.zeros((1, 8))
-    exact[0, [2, 5]] = [2 / 3, 1 / 3]  # Li2O-like fractions at 6 atoms -> 4 and 2
-    np.testing.assert_array_equal(apportion(jnp.asarray(exact, jnp.float32), jnp.array([6]))[0, [2, 5]], [4, 2])
+def test_stoichiometries_are_every_partition_once():
+    table = stoichiometries(20, 8)
+    # The partitions of 1..20 into at most 8 parts (sum of p(n, k), OEIS A008284): 2,098, none twice.
+    assert table.shape == (2098, 8) and len({tuple(row) for row in table}) == 2098
+    assert np.all(np.diff(table, axis=1) <= 0) and np.all(table[:, 0] >= 1)  # descending, zero-padded
+    assert np.all((table.sum(1) >= 1) & (table.sum(1) <= 20))
+    np.testing.assert_array_equal(stoichiometries(4, 8)[:, :4], [[1, 0, 0, 0], [2, 0, 0, 0], [1, 1, 0, 0], [3, 0, 0, 0], [2, 1, 0, 0],
+                                                             [1, 1, 1, 0], [4, 0, 0, 0], [3, 1, 0, 0], [2, 2, 0, 0], [2, 1, 1, 0], [1, 1, 1, 1]])
+    assert len(stoichiometries(5, 2)) == 1 + 2 + 2 + 3 + 3  # at most two elements: n // 2 + 1 ways for n atoms
+    counts = np.zeros((3, 30), np.int32)
+    counts[0, [8, 3]], counts[1, [20, 28, 8]], counts[2, 5] = [12, 4], [4, 4, 12], 7  # O12 Li4, Ca4 Ni4 O12, B7
+    index = np.asarray(stoichiometry_index(jnp.asarray(counts), jnp.asarray(table)))
+    np.testing.assert_array_equal(table[index][:, :3], [[12, 4, 0], [12, 4, 4], [7, 0, 0]])
 
 
-def test_decoded_composition_has_the_decoded_sizes_and_the_likeliest_elements():
+def test_decoded_composition_gives_the_largest_counts_to_the_likeliest_elements():
     rng = np.random.default_rng(2)
     probs = rng.dirichlet(np.full(12, 0.5), 300)
-    n_atoms, n_species = rng.integers(1, 21, 300), rng.integers(1, 6, 300)
-    counts = np.asarray(decode_composition(jnp.asarray(probs, jnp.float32), jnp.asarray(n_atoms), jnp.asarray(n_species)))
-    np.testing.assert_array_equal(counts.sum(1), n_atoms)
-    np.testing.assert_array_equal((counts > 0).sum(1), np.minimum(n_species, n_atoms))
-    for p, c in zip(probs, counts):  # the present elements are the most likely ones
+    table = stoichiometries(20, 8)
+    stoichiometry = table[rng.integers(0, len(table), 300)]
+    counts = np.asarray(decode_composition(jnp.asarray(probs, jnp.float32), jnp.asarray(stoichiometry)))
+    np.testing.assert_array_equal(-np.sort(-counts, 1)[:, :8], stoichiometry)  # the decoded stoichiometry, exactly
+    for p, c in zip(probs, counts):  # the present elements are the most likely ones, more atoms to likelier ones
         assert p[c > 0].min() >= p[c == 0].max(initial=0.0)
-    # A blurred Li2O (most mass on Li and O, the rest spread thin) decodes to Li2O.
-    blurred = np.full((1, 12), 0.2 / 10)
-    blurred[0, [3, 8]] = [0.5, 0.3]
-    np.testing.assert_array_equal(np.flatnonzero(decode_composition(jnp.asarray(blurred), jnp.array([3]), jnp.array([2]))[0]), [3, 8])
-    np.testing.assert_array_equal(decode_composition(jnp.asarray(blurred), jnp.array([3]), jnp.array([2]))[0, [3, 8]], [2, 1])
+        order = np.argsort(-p)
+        assert np.all(np.diff(c[order]) <= 0)
+    # A blurred Ca4Ni4O12 (O likeliest, mass spread thin elsewhere) with stoichiometry (12, 4, 4) decodes exactly.
+    blurred = np.full((1, 30), 0.1 / 27)
+    blurred[0, [8, 20, 28]] = [0.4, 0.27, 0.23]
+    decoded = decode_composition(jnp.asarray(blurred), jnp.asarray(table[[np.flatnonzero((table[:, :3] == [12, 4, 4]).all(1) & (table[:, 3] == 0))[0]]]))
+    np.testing.assert_array_equal(np.flatnonzero(decoded[0]), [8, 20, 28])
+    np.testing.assert_array_equal(decoded[0, [8, 20, 28]], [12, 4, 4])
 
 
 def test_loss_terms_vanish_for_a_perfect_reconstruction(splits):
@@ -135,14 +141,15 @@ def test_loss_terms_vanish_for_a_perfect_reconstruction(splits):
     np.testing.assert_allclose(np.asarray(fractions)[:6] * data.graphs.n_node[:, None], graph_counts(data.graphs), atol=1e-5)
     scaler = LatticeScaler.fit(np.asarray(lattice_parameters(batch.globals["lattice"][:6])), data.graphs.n_node)
     target_lattice = scaler.transform(lattice_parameters(batch.globals["lattice"]), jnp.maximum(batch.n_node, 1))
-    n_atoms_logits = 50.0 * jax.nn.one_hot(jnp.clip(batch.n_node - 1, 0, 3), CONFIG.max_atoms)
-    n_species_logits = 50.0 * jax.nn.one_hot(jnp.sum(fractions > 0, -1) - 1, CONFIG.max_species)
+    table = stoichiometries(CONFIG.max_atoms, CONFIG.max_species)
+    label = [np.flatnonzero((table == -np.sort(-np.r_[row[row > 0], np.zeros(CONFIG.max_species)])[: CONFIG.max_species]).all(1))[0]
+             for row in graph_counts(data.graphs)]
+    stoichiometry_logits = 50.0 * jax.nn.one_hot(jnp.asarray(label + [0] * (n_graph - 6)), len(table))
     zeros = jnp.zeros((n_graph, 3))
-    perfect = VAEOutput(zeros, zeros, zeros, jnp.log(fractions + 1e-30), n_atoms_logits, n_species_logits, target_lattice,
-                        batch.globals["targets"])
+    perfect = VAEOutput(zeros, zeros, zeros, jnp.log(fractions + 1e-30), stoichiometry_logits, target_lattice, batch.globals["targets"])
     loss_fn = jax.jit(lambda out: vae_loss(out, batch, scaler, CONFIG, 1.0)[1])
     terms = loss_fn(perfect)
-    for name in ("composition", "n_atoms", "n_species", "lattice", "property"):
+    for name in ("composition", "stoichiometry", "lattice", "property"):
         assert abs(float(terms[name])) < 1e-5, name
     np.testing.assert_allclose(terms["kl"], 0.0, atol=1e-6)  # mu = 0, logvar = 0 is the prior
     uniform = perfect._replace(composition_logits=jnp.zeros_like(perfect.composition_logits))
@@ -168,11 +175,11 @@ def test_padding_and_batch_order_do_not_change_encodings(splits):
 def test_decoders_give_valid_distributions_and_crystals(trained):
     vae = trained[0].trained
     z = np.asarray(jax.random.normal(jax.random.PRNGKey(7), (64, CONFIG.latent_dim))) * 2.0
-    logits, n_logits, k_logits, lattice = vae.model.apply(vae.variables, jnp.asarray(z), method=vae.model.decode)
+    logits, s_logits, lattice = vae.model.apply(vae.variables, jnp.asarray(z), method=vae.model.decode)
     p = jax.nn.softmax(logits)
-    chex.assert_shape([p, n_logits, k_logits, lattice], [(64, N_ELEMENTS), (64, CONFIG.max_atoms), (64, CONFIG.max_species), (64, 6)])
-    chex.assert_tree_all_finite((p, n_logits, k_logits, lattice))
-    for distribution in (p, jax.nn.softmax(n_logits), jax.nn.softmax(k_logits)):
+    chex.assert_shape([p, s_logits, lattice], [(64, N_ELEMENTS), (64, len(stoichiometries(CONFIG.max_atoms, CONFIG.max_species))), (64, 6)])
+    chex.assert_tree_all_finite((p, s_logits, lattice))
+    for distribution in (p, jax.nn.softmax(s_logits)):
         np.testing.assert_allclose(distribution.sum(-1), 1.0, atol=1e-5)
     assert float(p[:, 0].max()) == 0.0  # Z = 0 (padding) is never an element
     decoded = vae.decode(z)
@@ -268,3 +275,12 @@ def test_design_moves_the_vae_property_toward_the_target(trained, splits):
         check_target(values.max() + 5.0, values, "band_gap")
     with pytest.raises(ValueError, match="not predicted"):
         design_latents(vae, LatentDesignConfig(property="bulk_modulus"), target, values)
+
+
+def test_the_self_check_reads_the_head_at_a_structures_own_encoding(trained, splits):
+    vae, data = trained[0].trained, splits["test"]
+    structures = [data.structure(0), None, data.structure(1)]
+    values = reencoded_properties(vae, structures, column=1)
+    direct = vae.predict_properties(vae.encode(data.subset(np.arange(2)).graphs)[0])[:, 1]
+    np.testing.assert_allclose(values[[0, 2]], direct, rtol=1e-5, atol=1e-6)  # structure -> graph -> mu -> head, as from the graphs
+    assert np.isnan(values[1])  # no structure (a skipped design): no value, counted as a miss

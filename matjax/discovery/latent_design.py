@@ -7,7 +7,10 @@ Design: from S latent starts z_s ~ N(0, I), minimise per start
 with optax (Adam), where y is the VAE's property head in standardised units and y* the
 target. The second term is the negative log prior (up to a constant), which keeps z where
 the decoder has seen data. All starts run in one jitted program: ``vmap`` over starts of
-a ``lax.scan`` over steps (``optimise_latents``).
+a ``lax.scan`` over steps (``optimise_latents``). The head reads z, but a user gets the
+structure decoded from z, and decoding loses detail (a composition is discrete, the
+positions come from a template); so a design keeps only the candidates whose realised
+structure, encoded again, still meets the target by the head (``reencoded_properties``).
 
 Realisation: a decoded latent is (element counts, n_atoms, lattice parameters); atom
 positions come from a template, the training crystal nearest in latent space with the
@@ -259,9 +262,28 @@ def predict_structures(predictor, structures: Sequence, column: int = 0, **predi
     predictor: an ``EnsemblePredictor``; graphs are built with its model's graph settings;
     predict_kwargs go to ``predictor.predict`` (e.g. one ``budget`` for every call: one compilation).
     """
+    values, graphs, kept, skipped = _graphs_of(structures, predictor.model.config.graph)
+    if kept:
+        values[kept] = predictor.predict(graphs, **predict_kwargs)[0][:, column]
+    return values, skipped
+
+
+def reencoded_properties(trained: TrainedVAE, structures: Sequence, column: int) -> np.ndarray:
+    """[S] the VAE's own head on the posterior mean of each structure (NaN where None or unusable).
+
+    The design's self-check: a realised candidate re-encodes near the latent it was decoded
+    from only when decoding kept what the head read there.
+    """
+    values, graphs, kept, _ = _graphs_of(structures, trained.config.encoder.graph)
+    if kept:
+        values[kept] = trained.predict_properties(trained.encode(graphs)[0])[:, column]
+    return values
+
+
+def _graphs_of(structures: Sequence, graph_config):
+    """(NaN values [S], packed graphs of the usable structures, their indices, skipped (index, reason))."""
     from matjax.data.graphs import pack, structure_to_graph
 
-    graph_config = predictor.model.config.graph
     values, graphs, kept, skipped = np.full(len(structures), np.nan), [], [], []
     for i, structure in enumerate(structures):
         if structure is None:
@@ -271,9 +293,7 @@ def predict_structures(predictor, structures: Sequence, column: int = 0, **predi
             kept.append(i)
         except ValueError as err:  # coincident or isolated atoms: reported, counted as a miss
             skipped.append((i, f"{type(err).__name__}: {err}"))
-    if graphs:
-        values[kept] = predictor.predict(pack(graphs), **predict_kwargs)[0][:, column]
-    return values, skipped
+    return values, pack(graphs) if graphs else None, kept, skipped
 
 
 def hit_rate(values: np.ndarray, target: float, tolerance: float) -> float:

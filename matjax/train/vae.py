@@ -36,7 +36,7 @@ from matjax.data.batching import budget_for, iterate_batches
 from matjax.data.dataset import Dataset
 from matjax.data.graphs import PackedGraphs, concat
 from matjax.models.vae import (N_ELEMENTS, CrystalVAE, LatticeScaler, create_vae, decode_composition, kl_weight, lattice_parameters,
-                               vae_loss)
+                               stoichiometries, vae_loss)
 from matjax.train.checkpoint import Checkpointer, abstract_like, config_from_dict, config_to_dict, restore_best
 from matjax.train.loop import (NonFiniteLossError, TrainState, _stop_reason, check_split, create_optimizer, create_plateau,
                                guarded_update)
@@ -44,7 +44,7 @@ from matjax.train.losses import TargetScaler
 from matjax.train.sharding import DeviceBatcher, data_mesh, replicated
 
 log = logging.getLogger("matjax")
-TERMS = ("composition", "n_atoms", "n_species", "lattice", "property", "kl")
+TERMS = ("composition", "stoichiometry", "lattice", "property", "kl")
 
 
 class DecodedCrystals(NamedTuple):
@@ -84,7 +84,7 @@ class TrainedVAE:
         return np.concatenate(mu)[inverse], np.concatenate(logvar)[inverse]
 
     def decode(self, z: np.ndarray) -> DecodedCrystals:
-        """The most likely n_atoms, element counts apportioned to it, and the lattice of latents z [S, d]."""
+        """The most likely stoichiometry given to the most likely elements, and the lattice, of latents z [S, d]."""
         return DecodedCrystals(*map(np.asarray, _decode(self.model, self.variables, self.lattice_scaler, jnp.asarray(z))))
 
     def predict_properties(self, z: np.ndarray) -> np.ndarray:
@@ -104,10 +104,11 @@ def _properties(model, variables, z):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _decode(model, variables, lattice_scaler, z):
-    composition_logits, n_atoms_logits, n_species_logits, lattice = model.apply(variables, z, method=model.decode)
-    n_atoms, n_species = jnp.argmax(n_atoms_logits, -1) + 1, jnp.argmax(n_species_logits, -1) + 1
-    composition = jax.nn.softmax(composition_logits)
-    return n_atoms, decode_composition(composition, n_atoms, n_species), composition, lattice_scaler.inverse(lattice, n_atoms)
+    composition_logits, stoichiometry_logits, lattice = model.apply(variables, z, method=model.decode)
+    table = jnp.asarray(stoichiometries(model.config.max_atoms, model.config.max_species))
+    stoichiometry = table[jnp.argmax(stoichiometry_logits, -1)]
+    n_atoms, composition = jnp.sum(stoichiometry, -1), jax.nn.softmax(composition_logits)
+    return n_atoms, decode_composition(composition, stoichiometry), composition, lattice_scaler.inverse(lattice, n_atoms)
 
 
 def graph_counts(graphs: PackedGraphs) -> np.ndarray:
@@ -127,7 +128,8 @@ def reconstruction_metrics(trained: TrainedVAE, dataset: Dataset, reference: Dat
     """How well crystals survive encode (mu) -> decode, with the baselines from ``reference`` (train).
 
     composition_accuracy: decoded element fractions (counts / decoded n_atoms) equal the true
-    ones exactly; cell_accuracy: counts and n_atoms both exact; n_atoms_accuracy;
+    ones exactly; cell_accuracy: counts and n_atoms both exact; stoichiometry_accuracy: the
+    sorted atom counts exact (elements aside); n_atoms_accuracy;
     lattice_mae: mean |error| of the six lattice parameters in the decoder's normalised
     units (per-atom lengths and angles, each over its training std); lattice_length_mae
     (Angstrom) and lattice_angle_mae (degrees) in physical units with the decoded n_atoms.
@@ -147,6 +149,7 @@ def reconstruction_metrics(trained: TrainedVAE, dataset: Dataset, reference: Dat
     return {
         "composition_accuracy": float(same_fractions(decoded.counts, decoded.n_atoms).mean()),
         "cell_accuracy": float(np.mean(np.all(decoded.counts == counts, axis=1))),
+        "stoichiometry_accuracy": float(np.mean(np.all(-np.sort(-decoded.counts, 1) == -np.sort(-counts, 1), axis=1))),
         "n_atoms_accuracy": float(np.mean(decoded.n_atoms == n_atoms)),
         "lattice_mae": float(np.abs(predicted - target).mean()),
         "lattice_length_mae": float(np.abs(decoded.lattice[:, :3] - params[:, :3]).mean()),
