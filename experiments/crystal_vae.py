@@ -152,6 +152,7 @@ def main():
         returned = [candidates.structures[i] for i in np.flatnonzero(kept)]
         metrics |= {f"inverse_hit_rate_{key}": hit_rate(values[kept], target, tol) if kept.any() else 0.0,
                     f"design_unchecked_hit_rate_{key}": hit_rate(values, target, tol), f"design_kept_{key}": float(kept.mean()),
+                    f"design_composition_validity_{key}": float(np.mean([composition_valid(c) for c in compositions(found.counts[kept])])) if kept.any() else 0.0,
                     f"random_hit_rate_{key}": hit_rate(prior_gap, target, tol),
                     f"train_hit_rate_{key}": hit_rate(train_gap, target, tol), f"train_dft_hit_rate_{key}": hit_rate(train.target(gap)[sample], target, tol),
                     f"design_realised_{key}": float(candidates.realised.mean()), f"design_vae_head_hit_rate_{key}": hit_rate(trajectories[target][-1], target, tol),
