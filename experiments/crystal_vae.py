@@ -32,8 +32,8 @@ from matjax.data.batching import budget_for
 from matjax.data.graphs import take
 from matjax.data.sources import load_csv, mp20_lite, shared_data_dir
 from matjax.data.splits import split_dataset
-from matjax.discovery.latent_design import (Templates, compositions, design_latents, formula, hit_rate, predict_structures,
-                                            prior_latents, realise, reencoded_properties, write_cifs)
+from matjax.discovery.latent_design import (Templates, aggregate_posterior_latents, compositions, design_latents, formula, hit_rate,
+                                            predict_structures, prior_latents, realise, reencoded_properties, write_cifs)
 from matjax.discovery.validity import composition_valid, generation_metrics, structure_problem, unique_mask
 from matjax.train.ensemble import load_predictor
 from matjax.train.loop import fit
@@ -42,7 +42,7 @@ from matjax.train.vae import fit_vae, reconstruction_metrics
 GRAPH = GraphConfig(cutoff=8.0, max_neighbors=12, num_rbf=41)
 ORACLE = CGCNNConfig(GRAPH)  # Xie's reference CGCNN
 MODEL = VAEConfig(CGCNNConfig(GRAPH, atom_features=64, n_conv=3, hidden_features=128), latent_dim=32, decoder_features=512,
-                  decoder_layers=3, beta=0.01, kl_warmup_epochs=10)
+                  decoder_layers=3, beta=0.05, kl_warmup_epochs=10)
 # 80 epochs annealed along a cosine: about 7 minutes on an idle 2-core CPU for mp20-lite.
 TRAIN = TrainConfig(batch_size=128, learning_rate=1e-3, max_epochs=80, early_stopping=25, plateau_patience=8, warmup_epochs=1,
                     cosine_decay=True)
@@ -114,7 +114,8 @@ def main():
     metrics = {"dataset": cfg["data"], "config": args.config, "seed": args.seed, "n": {k: len(v) for k, v in splits.items()},
                "vae_epochs": len(fitted.history), "vae_best_epoch": fitted.best_epoch,
                "vae_stop_reason": fitted.stop_reason, "vae_train_s": round(fitted.train_s, 1), **reconstruction_metrics(vae, test, train)}
-    templates = Templates.build(train, vae.encode(train.graphs)[0])
+    train_mu, train_logvar = vae.encode(train.graphs)
+    templates = Templates.build(train, train_mu)
     formulas = [c.reduced_formula for c in compositions(templates.counts)]
     if args.oracle is None:
         args.oracle = args.out / "oracle"
@@ -129,6 +130,11 @@ def main():
     prior = realise(decoded, z, templates)
     metrics.update(generation_metrics(compositions(decoded.counts), prior.structures, train.structure, formulas))
     metrics["prior_skipped"] = dict(Counter(why.split(" to ")[0].split(" (")[0] for _, _, why in prior.skipped))
+    # The same checks on samples of the aggregate posterior, the latents the decoder was trained on.
+    z_post = aggregate_posterior_latents(train_mu, train_logvar, cfg["n_prior"], args.seed)
+    decoded_post = vae.decode(z_post)
+    post = generation_metrics(compositions(decoded_post.counts), realise(decoded_post, z_post, templates).structures, train.structure, formulas)
+    metrics.update({f"posterior_{k}": v for k, v in post.items() if isinstance(v, float)})
     sample = np.random.default_rng(args.seed).choice(len(train), min(cfg["n_prior"], len(train)), replace=False)
     metrics["train_composition_validity"] = float(np.mean([composition_valid(c) for c in compositions(templates.counts[sample])]))
     metrics["train_structure_validity"] = float(np.mean([structure_problem(train.structure(i)) is None for i in sample]))

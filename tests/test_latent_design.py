@@ -12,7 +12,8 @@ from pymatgen.core import Composition, Element, Lattice, Structure
 from matjax.data.graphs import build_graph, pack
 from matjax.data.dataset import Dataset
 from matjax.data.sources import shared_data_dir
-from matjax.discovery.latent_design import Templates, assign_species, hit_rate, lattice_problem, optimise_latents, realise
+from matjax.discovery.latent_design import (Templates, aggregate_posterior_latents, assign_species, hit_rate, lattice_problem,
+                                            optimise_latents, realise)
 from matjax.discovery.validity import charge_balanced, composition_valid, novel_mask, structure_problem, unique_mask
 from matjax.models.vae import N_ELEMENTS
 from matjax.train.vae import DecodedCrystals
@@ -59,7 +60,7 @@ def _decoded(counts: list[dict[int, int]], lattices) -> DecodedCrystals:
     for row, c in zip(table, counts):
         for z, n in c.items():
             row[z] = n
-    return DecodedCrystals(table.sum(1), table, table / table.sum(1, keepdims=True), np.asarray(lattices, dtype=float))
+    return DecodedCrystals(table.sum(1), table, np.asarray(lattices, dtype=float))
 
 
 def test_species_assignment_keeps_site_groups_and_puts_anions_on_anion_sites():
@@ -150,3 +151,17 @@ def test_experiment_test_config_writes_metrics_plots_and_cifs(tmp_path):
     for name in ("latent.png", "design.png"):
         assert (tmp_path / name).stat().st_size > 10000
     assert len(list((tmp_path / "cifs").rglob("*.cif"))) >= 0.9 * (48 + 2 * 16)
+
+
+def test_aggregate_posterior_samples_are_the_mixture_of_the_posteriors():
+    mu = np.array([[-3.0, 0.0], [3.0, 1.0]])
+    logvar = np.log(np.array([[0.25, 1.0], [0.25, 4.0]]))
+    z = aggregate_posterior_latents(mu, logvar, 40000, seed=0)
+    assert z.shape == (40000, 2)
+    np.testing.assert_array_equal(z, aggregate_posterior_latents(mu, logvar, 40000, seed=0))  # seeded
+    left = z[:, 0] < 0  # the two components barely overlap along the first axis (sigma 0.5, 6 apart)
+    np.testing.assert_allclose(left.mean(), 0.5, atol=0.01)
+    np.testing.assert_allclose(z[left].mean(0), mu[0], atol=0.03)
+    np.testing.assert_allclose(z[~left].std(0), [0.5, 2.0], rtol=0.03)
+    # Nothing between the components: the hole a prior sample N(0, I) would land in.
+    assert np.mean(np.abs(z[:, 0]) < 1.0) < 1e-3

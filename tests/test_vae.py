@@ -14,9 +14,10 @@ from pymatgen.core import Lattice
 from crystal_fixtures import toy_crystals
 from matjax.config import CGCNNConfig, GraphConfig, LatentDesignConfig, TrainConfig, VAEConfig
 from matjax.data.batching import Budget, budget_for, graphs_tuple
+from matjax.data.graphs import build_graph, pack
 from matjax.models.vae import (N_ELEMENTS, LatticeScaler, VAEOutput, composition_fractions, create_vae, decode_composition,
-                               kl_divergence, kl_weight, lattice_parameters, reparameterize, stoichiometries, stoichiometry_index,
-                               vae_loss)
+                               element_slots, kl_divergence, kl_weight, lattice_parameters, reparameterize, stoichiometries,
+                               stoichiometry_index, vae_loss)
 from matjax.train.checkpoint import Checkpointer
 from matjax.train.loop import NonFiniteLossError
 from matjax.discovery.latent_design import check_target, design_latents, reencoded_properties
@@ -27,7 +28,7 @@ CONFIG = VAEConfig(
     decoder_features=64, decoder_layers=1, property_features=32, max_atoms=4, beta=0.01, kl_warmup_epochs=3,
     targets=("formation_energy_per_atom", "band_gap"),
 )
-TRAIN = TrainConfig(batch_size=32, learning_rate=3e-3, max_epochs=10, early_stopping=100)
+TRAIN = TrainConfig(batch_size=32, learning_rate=3e-3, max_epochs=20, early_stopping=100)
 
 
 @pytest.fixture(scope="module")
@@ -114,23 +115,23 @@ def test_stoichiometries_are_every_partition_once():
     np.testing.assert_array_equal(table[index][:, :3], [[12, 4, 0], [12, 4, 4], [7, 0, 0]])
 
 
-def test_decoded_composition_gives_the_largest_counts_to_the_likeliest_elements():
-    rng = np.random.default_rng(2)
-    probs = rng.dirichlet(np.full(12, 0.5), 300)
-    table = stoichiometries(20, 8)
-    stoichiometry = table[rng.integers(0, len(table), 300)]
-    counts = np.asarray(decode_composition(jnp.asarray(probs, jnp.float32), jnp.asarray(stoichiometry)))
-    np.testing.assert_array_equal(-np.sort(-counts, 1)[:, :8], stoichiometry)  # the decoded stoichiometry, exactly
-    for p, c in zip(probs, counts):  # the present elements are the most likely ones, more atoms to likelier ones
-        assert p[c > 0].min() >= p[c == 0].max(initial=0.0)
-        order = np.argsort(-p)
-        assert np.all(np.diff(c[order]) <= 0)
-    # A blurred Ca4Ni4O12 (O likeliest, mass spread thin elsewhere) with stoichiometry (12, 4, 4) decodes exactly.
-    blurred = np.full((1, 30), 0.1 / 27)
-    blurred[0, [8, 20, 28]] = [0.4, 0.27, 0.23]
-    decoded = decode_composition(jnp.asarray(blurred), jnp.asarray(table[[np.flatnonzero((table[:, :3] == [12, 4, 4]).all(1) & (table[:, 3] == 0))[0]]]))
-    np.testing.assert_array_equal(np.flatnonzero(decoded[0]), [8, 20, 28])
-    np.testing.assert_array_equal(decoded[0, [8, 20, 28]], [12, 4, 4])
+def test_element_slots_list_elements_by_count_and_decode_back_to_the_counts(splits):
+    data = splits["train"].subset(np.arange(40))
+    batch = _batch(data)
+    label, elements = map(np.asarray, element_slots(batch, CONFIG))
+    table, counts = stoichiometries(CONFIG.max_atoms, CONFIG.max_species), graph_counts(data.graphs)
+    np.testing.assert_array_equal(np.asarray(decode_composition(jnp.asarray(elements[:40]), jnp.asarray(table[label[:40]]))), counts)
+    for row, slots in zip(counts, elements):  # largest count first, ties by Z; empty slots 0
+        present = np.flatnonzero(row)
+        expected = sorted(present, key=lambda z: (-row[z], z))
+        np.testing.assert_array_equal(slots, np.r_[expected, np.zeros(CONFIG.max_species - len(expected))])
+    # Ca4 Ni4 O12: O (12) first, then Ca before Ni (equal counts, Z 20 < 28).
+    cell = build_graph(np.array([20] * 4 + [28] * 4 + [8] * 12), np.random.default_rng(0).random((20, 3)), 9.0 * np.eye(3), 5.0, 8)
+    config = dataclasses.replace(CONFIG, max_atoms=20)
+    one = jax.tree.map(jnp.asarray, graphs_tuple(pack([cell]), budget_for(pack([cell]), 1)))
+    label, elements = element_slots(one, config)
+    np.testing.assert_array_equal(elements[0, :4], [8, 20, 28, 0])
+    np.testing.assert_array_equal(stoichiometries(20, CONFIG.max_species)[label[0], :4], [12, 4, 4, 0])
 
 
 def test_loss_terms_vanish_for_a_perfect_reconstruction(splits):
@@ -141,18 +142,17 @@ def test_loss_terms_vanish_for_a_perfect_reconstruction(splits):
     np.testing.assert_allclose(np.asarray(fractions)[:6] * data.graphs.n_node[:, None], graph_counts(data.graphs), atol=1e-5)
     scaler = LatticeScaler.fit(np.asarray(lattice_parameters(batch.globals["lattice"][:6])), data.graphs.n_node)
     target_lattice = scaler.transform(lattice_parameters(batch.globals["lattice"]), jnp.maximum(batch.n_node, 1))
-    table = stoichiometries(CONFIG.max_atoms, CONFIG.max_species)
-    label = [np.flatnonzero((table == -np.sort(-np.r_[row[row > 0], np.zeros(CONFIG.max_species)])[: CONFIG.max_species]).all(1))[0]
-             for row in graph_counts(data.graphs)]
-    stoichiometry_logits = 50.0 * jax.nn.one_hot(jnp.asarray(label + [0] * (n_graph - 6)), len(table))
+    label, elements = element_slots(batch, CONFIG)
+    stoichiometry_logits = 50.0 * jax.nn.one_hot(label, len(stoichiometries(CONFIG.max_atoms, CONFIG.max_species)))
     zeros = jnp.zeros((n_graph, 3))
-    perfect = VAEOutput(zeros, zeros, zeros, jnp.log(fractions + 1e-30), stoichiometry_logits, target_lattice, batch.globals["targets"])
+    perfect = VAEOutput(zeros, zeros, zeros, 50.0 * jax.nn.one_hot(elements, N_ELEMENTS), stoichiometry_logits, target_lattice,
+                        batch.globals["targets"])
     loss_fn = jax.jit(lambda out: vae_loss(out, batch, scaler, CONFIG, 1.0)[1])
     terms = loss_fn(perfect)
     for name in ("composition", "stoichiometry", "lattice", "property"):
         assert abs(float(terms[name])) < 1e-5, name
     np.testing.assert_allclose(terms["kl"], 0.0, atol=1e-6)  # mu = 0, logvar = 0 is the prior
-    uniform = perfect._replace(composition_logits=jnp.zeros_like(perfect.composition_logits))
+    uniform = perfect._replace(element_logits=jnp.zeros_like(perfect.element_logits))
     assert float(loss_fn(uniform)["composition"]) > 1.0
 
 
@@ -174,15 +174,24 @@ def test_padding_and_batch_order_do_not_change_encodings(splits):
 
 def test_decoders_give_valid_distributions_and_crystals(trained):
     vae = trained[0].trained
-    z = np.asarray(jax.random.normal(jax.random.PRNGKey(7), (64, CONFIG.latent_dim))) * 2.0
-    logits, s_logits, lattice = vae.model.apply(vae.variables, jnp.asarray(z), method=vae.model.decode)
-    p = jax.nn.softmax(logits)
-    chex.assert_shape([p, s_logits, lattice], [(64, N_ELEMENTS), (64, len(stoichiometries(CONFIG.max_atoms, CONFIG.max_species))), (64, 6)])
-    chex.assert_tree_all_finite((p, s_logits, lattice))
-    for distribution in (p, jax.nn.softmax(s_logits)):
+    z = jnp.asarray(jax.random.normal(jax.random.PRNGKey(7), (64, CONFIG.latent_dim))) * 2.0
+    decode = jax.jit(lambda z, *given: vae.model.apply(vae.variables, z, *given, method=vae.model.decode))
+    logits, elements, s_logits, lattice = decode(z)
+    n_classes = len(stoichiometries(CONFIG.max_atoms, CONFIG.max_species))
+    chex.assert_shape([logits, elements, s_logits, lattice],
+                      [(64, CONFIG.max_species, N_ELEMENTS), (64, CONFIG.max_species), (64, n_classes), (64, 6)])
+    chex.assert_tree_all_finite((s_logits, lattice))
+    for distribution in (jax.nn.softmax(logits), jax.nn.softmax(s_logits)):
         np.testing.assert_allclose(distribution.sum(-1), 1.0, atol=1e-5)
-    assert float(p[:, 0].max()) == 0.0  # Z = 0 (padding) is never an element
-    decoded = vae.decode(z)
+    counts = stoichiometries(CONFIG.max_atoms, CONFIG.max_species)[np.argmax(s_logits, -1)]
+    np.testing.assert_array_equal(np.asarray(elements) > 0, counts > 0)  # one element per non-empty slot
+    for row in np.asarray(elements):
+        assert len(set(row[row > 0])) == (row > 0).sum()  # never twice
+    # Greedy decoding scores each slot exactly as teacher forcing with the decoded elements does.
+    forced, _, _, _ = decode(z, jnp.argmax(s_logits, -1), elements)
+    filled = counts > 0
+    np.testing.assert_allclose(np.asarray(forced)[filled], np.asarray(logits)[filled], rtol=1e-4, atol=1e-4)
+    decoded = vae.decode(np.asarray(z))
     assert np.all((decoded.n_atoms >= 1) & (decoded.n_atoms <= CONFIG.max_atoms))
     np.testing.assert_array_equal(decoded.counts.sum(1), decoded.n_atoms)
     assert np.all(decoded.counts >= 0) and np.all(decoded.counts[:, 0] == 0)

@@ -232,6 +232,17 @@ def prior_latents(n: int, latent_dim: int, seed: int) -> np.ndarray:
     return np.asarray(jax.random.normal(jax.random.PRNGKey(seed), (n, latent_dim)))
 
 
+def aggregate_posterior_latents(mu: np.ndarray, logvar: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """[n, d] samples of the aggregate posterior q(z) = mean_i N(mu_i, exp(logvar_i)) of M crystals (mu, logvar [M, d]).
+
+    The latents the decoder was trained on; where the posteriors are much narrower than the
+    prior they leave holes in N(0, I) that prior samples fall into.
+    """
+    rng = np.random.default_rng(seed)
+    pick = rng.integers(0, len(mu), n)
+    return mu[pick] + np.exp(0.5 * logvar[pick]) * rng.standard_normal((n, mu.shape[1]))
+
+
 def design_latents(trained: TrainedVAE, config: LatentDesignConfig, target: float, train_values: np.ndarray):
     """(z0 [S, d], z [S, d], trajectory [steps + 1, S]) of ``optimise_latents`` toward ``target``
     (physical units) of ``config.property``, from ``config.n_starts`` prior samples.

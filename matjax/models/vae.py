@@ -4,39 +4,40 @@ Per crystal graph (``matjax.data.batching`` layout)::
 
     [mu, log sigma^2] = CGCNN(graph) + E[n_atoms]    [G, 2 d]  (convolutions, masked mean pool, MLP)
     z                 = mu + sigma * eps,  eps ~ N(0, I) from an explicit PRNG key
-    p(element | z)    = softmax(W_c h(z))            [G, 104]  composition, a distribution over Z
     p(stoichiometry | z) = softmax(W_s h(z))         [G, P]  which of the P stoichiometries (below)
+    p(e_r | z, n_r, e_<r) = softmax(...)             [G, S, 104]  the element of slot r (below)
     lattice(z)        = W_l h(z)                     [G, 6]  normalised (a, b, c, alpha, beta, gamma)
     y(z)              = MLP(z)                       [G, T]  standardised properties
 
-h is an MLP shared by the three structure heads. A stoichiometry is the sorted list of atom
+h is an MLP shared by the structure heads. A stoichiometry is the sorted list of atom
 counts of a cell's elements, e.g. (3, 1, 1) for any ABO3 cell of 5 atoms, (12, 4, 4) for
 Ca4Ni4O12: an integer partition of the atom count. ``stoichiometries(max_atoms, max_species)``
 lists every partition of 1..max_atoms into at most max_species parts (2,098 classes for 20 and
 8), so the head can name any cell the size limits allow, seen in training or not. The
-reconstruction targets are computed from the input graph itself, inside the loss: the
-element fractions from ``species``, the stoichiometry from them and ``n_node``, the lattice parameters from
+elements fill the stoichiometry's slots in order (largest count first, ties by Z;
+``element_slots``): slot r reads h, its count n_r and the elements already placed, so a
+crystal's elements are decoded jointly, one after the other. The reconstruction targets are
+computed from the input graph itself, inside the loss: the stoichiometry and element slots
+from ``species`` and ``n_node``, the lattice parameters from
 ``globals["lattice"]``. Lengths are normalised per atom, l / n_atoms^(1/3) (a crystal's
 size grows with its cell), then standardised with training statistics (``LatticeScaler``);
 angles are standardised.
 
 The loss per crystal (averaged over real graphs, padding masked) is
 
-    KL(f || p) + CE(stoichiometry) + |lattice - target|^2 / 6 + |y - target|^2 / T + beta * KL(q(z|x) || N(0, I))
+    sum_r CE(e_r) + CE(stoichiometry) + |lattice - target|^2 / 6 + |y - target|^2 / T + beta * KL(q(z|x) || N(0, I))
 
-with weights from ``VAEConfig``; beta rises linearly from 0 over the warm-up
-(``kl_weight``), so the decoders learn before the prior pulls the codes together.
-``KL(f || p) = sum_e f_e log(f_e / p_e)`` is the composition cross-entropy minus its floor,
-the entropy of f, so 0 means a perfect composition.
+with weights from ``VAEConfig``; the element terms are teacher-forced (slot r is given the
+true earlier elements); beta rises linearly from 0 over the warm-up (``kl_weight``), so the
+decoders learn before the prior pulls the codes together.
 
-Decoding is deterministic (``decode_composition``): the most likely stoichiometry
-(n_1 >= ... >= n_k), and the k most likely elements, the r-th most likely taking n_r atoms.
-Why a categorical stoichiometry rather than rounding the element fractions to whole atoms:
-a latent the decoder is unsure about gets fractions that average the crystals it might be
-(Ca4Ni4O12 and a Ca-Ni-O cell of other proportions blur to Ca7Ni6O7, which no oxidation
-states balance), while the argmax of a categorical picks one of them. With fractions rounded
-to atoms (the previous decoder) 43% of mp20-lite test cells came back with their
-stoichiometry and 70% charge-balanced.
+Decoding is deterministic: the most likely stoichiometry (n_1 >= ... >= n_k), then greedily
+the most likely element of each slot given the ones before (``decode_composition`` turns
+them into counts). Why categorical choices rather than a distribution over elements whose
+fractions are rounded to atoms: a latent the decoder is unsure about gets fractions that
+average the crystals it might be (Ca4Ni4O12 and a Ca-Ni-O cell of other proportions blur to
+Ca7Ni6O7; an iodide and an oxide give an oxide-iodide), which no oxidation states balance,
+while each argmax commits to one of them and the later slots follow it.
 """
 
 from __future__ import annotations
@@ -148,12 +149,18 @@ def stoichiometry_index(counts: jnp.ndarray, table: jnp.ndarray) -> jnp.ndarray:
     return jnp.argmax(jnp.all(pattern[:, None, :] == table[None], -1), -1)
 
 
-def decode_composition(probabilities: jnp.ndarray, stoichiometry: jnp.ndarray) -> jnp.ndarray:
-    """[S, K] counts: the r-th most likely element of probabilities [S, K] takes stoichiometry[:, r]
-    atoms (stoichiometry [S, max_species], descending, zero-padded)."""
-    rank = jnp.argsort(jnp.argsort(-probabilities, axis=-1, stable=True), axis=-1)
-    slots = stoichiometry.shape[-1]
-    return jnp.where(rank < slots, jnp.take_along_axis(stoichiometry, jnp.minimum(rank, slots - 1), -1), 0)
+def element_slots(graph: jraph.GraphsTuple, config: VAEConfig) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(stoichiometry class [G], elements [G, max_species]) of each graph: its elements by count,
+    largest first, ties by Z; 0 in the slots beyond its number of elements (padding graphs: class 0)."""
+    counts = jnp.round(composition_fractions(graph) * graph.n_node[:, None]).astype(jnp.int32)
+    table = jnp.asarray(stoichiometries(config.max_atoms, config.max_species))
+    values, order = jax.lax.top_k(counts * N_ELEMENTS - jnp.arange(N_ELEMENTS), table.shape[1])
+    return stoichiometry_index(counts, table), jnp.where(values > 0, order, 0)
+
+
+def decode_composition(elements: jnp.ndarray, stoichiometry: jnp.ndarray) -> jnp.ndarray:
+    """[S, N_ELEMENTS] atom counts: elements [S, K] (Z, 0 = none) take the counts stoichiometry [S, K]."""
+    return jnp.sum(jax.nn.one_hot(elements, N_ELEMENTS, dtype=jnp.int32) * stoichiometry[..., None], 1).at[:, 0].set(0)
 
 
 def encoder_config(config: VAEConfig):
@@ -164,34 +171,67 @@ def encoder_config(config: VAEConfig):
 
 
 class VAEOutput(NamedTuple):
-    """Everything one forward pass produces, per graph: mu, logvar, z [G, d]; composition_logits
-    [G, N_ELEMENTS]; stoichiometry_logits [G, P] (rows of ``stoichiometries``); lattice [G, 6]
+    """Everything one forward pass produces, per graph: mu, logvar, z [G, d]; element_logits
+    [G, max_species, N_ELEMENTS] (slot r: the element with the r-th largest count, given the
+    earlier slots); stoichiometry_logits [G, P] (rows of ``stoichiometries``); lattice [G, 6]
     normalised; properties [G, T]."""
 
     mu: jnp.ndarray
     logvar: jnp.ndarray
     z: jnp.ndarray
-    composition_logits: jnp.ndarray
+    element_logits: jnp.ndarray
     stoichiometry_logits: jnp.ndarray
     lattice: jnp.ndarray
     properties: jnp.ndarray
 
 
 class LatentDecoder(nn.Module):
-    """z [G, d] -> (composition_logits [G, N_ELEMENTS], stoichiometry_logits [G, P], lattice [G, 6])."""
+    """z [G, d] -> (element_logits [G, S, N_ELEMENTS], elements [G, S], stoichiometry_logits [G, P],
+    lattice [G, 6]); S = max_species.
+
+    Given a stoichiometry class [G] and, in training, the true elements [G, S] (teacher
+    forcing), slot r scores the element of the r-th largest count from z, that count, and the
+    elements of slots < r; without them, the most likely stoichiometry and greedy decoding
+    slot by slot (an element is never chosen twice; slots with no atoms hold 0).
+    """
 
     config: VAEConfig
 
     @nn.compact
-    def __call__(self, z: jnp.ndarray):
+    def __call__(self, z: jnp.ndarray, stoichiometry: jnp.ndarray | None = None, elements: jnp.ndarray | None = None):
         cfg = self.config
         h = z
         for i in range(cfg.decoder_layers):
             h = softplus(nn.Dense(cfg.decoder_features, name=f"hidden_{i}")(h))
-        logits = nn.Dense(N_ELEMENTS, name="composition")(h)
-        logits = logits.at[:, 0].set(-1e9)  # Z = 0 is padding, not an element
-        n_classes = len(stoichiometries(cfg.max_atoms, cfg.max_species))
-        return logits, nn.Dense(n_classes, name="stoichiometry")(h), nn.Dense(6, name="lattice")(h)
+        table = jnp.asarray(stoichiometries(cfg.max_atoms, cfg.max_species))
+        stoichiometry_logits = nn.Dense(len(table), name="stoichiometry")(h)
+        if stoichiometry is None:
+            stoichiometry = jnp.argmax(stoichiometry_logits, -1)
+        counts = table[stoichiometry]  # [G, S]
+        slots = counts.shape[1]
+        features = cfg.decoder_features
+        context = (nn.Dense(features, name="element_context")(h)[:, None] + nn.Embed(cfg.max_atoms + 1, features, name="slot_count")(counts)
+                   + nn.Embed(slots, features, name="slot")(jnp.arange(slots)))  # [G, S, F]
+        embedding = self.param("element_embedding", nn.initializers.normal(1.0), (N_ELEMENTS, features))
+        readout = nn.Dense(N_ELEMENTS, name="element")
+
+        def score(context, taken):  # context [..., F], taken [..., N_ELEMENTS] elements of earlier slots
+            logits = readout(softplus(context + taken @ embedding))
+            return jnp.where(taken > 0, -1e9, logits).at[..., 0].set(-1e9)  # no repeats; Z = 0 is padding
+
+        if elements is not None:
+            placed = jax.nn.one_hot(elements, N_ELEMENTS) * (elements > 0)[..., None]
+            logits = score(context, jnp.cumsum(placed, 1) - placed)
+        else:
+            taken, columns, chosen = jnp.zeros((z.shape[0], N_ELEMENTS)), [], []
+            for r in range(slots):
+                logits_r = score(context[:, r], taken)
+                element = jnp.where(counts[:, r] > 0, jnp.argmax(logits_r, -1), 0)
+                taken = taken + jax.nn.one_hot(element, N_ELEMENTS) * (element > 0)[:, None]
+                columns.append(logits_r)
+                chosen.append(element)
+            logits, elements = jnp.stack(columns, 1), jnp.stack(chosen, 1)
+        return logits, elements, stoichiometry_logits, nn.Dense(6, name="lattice")(h)
 
 
 class PropertyHead(nn.Module):
@@ -229,9 +269,10 @@ class CrystalVAE(nn.Module):
         out = self.encoder(graph, train=train) + self.size_offset(jnp.clip(graph.n_node, 0, self.config.max_atoms))
         return out[:, :d], jnp.clip(out[:, d:], *LOGVAR_RANGE)
 
-    def decode(self, z: jnp.ndarray):
-        """(composition_logits [G, N_ELEMENTS], stoichiometry_logits [G, P], lattice [G, 6] normalised)."""
-        return self.decoder(z)
+    def decode(self, z: jnp.ndarray, stoichiometry: jnp.ndarray | None = None, elements: jnp.ndarray | None = None):
+        """(element_logits [G, S, N_ELEMENTS], elements [G, S], stoichiometry_logits [G, P], lattice [G, 6]
+        normalised) of ``LatentDecoder``: decoded, or scored given the true stoichiometry and elements."""
+        return self.decoder(z, stoichiometry, elements)
 
     def predict_properties(self, z: jnp.ndarray) -> jnp.ndarray:
         """[G, T] standardised properties from z [G, d]."""
@@ -240,7 +281,8 @@ class CrystalVAE(nn.Module):
     def __call__(self, graph: jraph.GraphsTuple, key: jax.Array, train: bool = False) -> VAEOutput:
         mu, logvar = self.encode(graph, train)
         z = reparameterize(key, mu, logvar)
-        return VAEOutput(mu, logvar, z, *self.decode(z), self.predict_properties(z))
+        element_logits, _, stoichiometry_logits, lattice = self.decode(z, *element_slots(graph, self.config))
+        return VAEOutput(mu, logvar, z, element_logits, stoichiometry_logits, lattice, self.predict_properties(z))
 
 
 def vae_loss(
@@ -249,15 +291,14 @@ def vae_loss(
     """(mean loss over real graphs, per-term means) of one padded batch.
 
     graph.globals["targets"]: [G, T] standardised properties; beta: the KL weight now
-    (``kl_weight``). Terms: composition (KL(f || p), nats), stoichiometry (cross-entropy, nats), lattice and property (mean squared error, standardised units), kl (nats).
+    (``kl_weight``). Terms: composition (the elements' cross-entropies summed over slots, nats),
+    stoichiometry (cross-entropy, nats), lattice and property (mean squared error,
+    standardised units), kl (nats).
     """
     mask = jraph.get_graph_padding_mask(graph)
-    fractions = composition_fractions(graph)
-    log_p = jax.nn.log_softmax(out.composition_logits)
-    composition = jnp.sum(jax.scipy.special.xlogy(fractions, fractions) - fractions * log_p, -1)
-    table = jnp.asarray(stoichiometries(config.max_atoms, config.max_species))
-    counts = jnp.round(fractions * graph.n_node[:, None]).astype(jnp.int32)
-    label = stoichiometry_index(counts, table)
+    label, elements = element_slots(graph, config)
+    log_p = jnp.take_along_axis(jax.nn.log_softmax(out.element_logits), elements[..., None], -1)[..., 0]
+    composition = -jnp.sum(jnp.where(elements > 0, log_p, 0.0), -1)
     stoichiometry = -jnp.take_along_axis(jax.nn.log_softmax(out.stoichiometry_logits), label[:, None], -1)[:, 0]
     # Padding graphs have a zero lattice: give them the unit cube, or their NaN targets would
     # poison the gradient through the masked sum (0 * NaN).

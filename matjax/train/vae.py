@@ -49,12 +49,10 @@ TERMS = ("composition", "stoichiometry", "lattice", "property", "kl")
 
 class DecodedCrystals(NamedTuple):
     """S decoded latents (numpy): n_atoms [S]; counts [S, N_ELEMENTS] atoms per Z (sum n_atoms);
-    composition [S, N_ELEMENTS] the decoded element distribution; lattice [S, 6] (a, b, c in
-    Angstrom, alpha, beta, gamma in degrees)."""
+    lattice [S, 6] (a, b, c in Angstrom, alpha, beta, gamma in degrees)."""
 
     n_atoms: np.ndarray
     counts: np.ndarray
-    composition: np.ndarray
     lattice: np.ndarray
 
 
@@ -104,11 +102,11 @@ def _properties(model, variables, z):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _decode(model, variables, lattice_scaler, z):
-    composition_logits, stoichiometry_logits, lattice = model.apply(variables, z, method=model.decode)
+    _, elements, stoichiometry_logits, lattice = model.apply(variables, z, method=model.decode)
     table = jnp.asarray(stoichiometries(model.config.max_atoms, model.config.max_species))
     stoichiometry = table[jnp.argmax(stoichiometry_logits, -1)]
-    n_atoms, composition = jnp.sum(stoichiometry, -1), jax.nn.softmax(composition_logits)
-    return n_atoms, decode_composition(composition, stoichiometry), composition, lattice_scaler.inverse(lattice, n_atoms)
+    n_atoms = jnp.sum(stoichiometry, -1)
+    return n_atoms, decode_composition(elements, stoichiometry), lattice_scaler.inverse(lattice, n_atoms)
 
 
 def graph_counts(graphs: PackedGraphs) -> np.ndarray:
