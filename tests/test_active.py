@@ -181,9 +181,31 @@ def test_a_distorted_copy_of_a_known_crystal_is_not_a_candidate(initial, cache_d
     copy.apply_strain(0.02)
     seen = load(pd.DataFrame({"material_id": ["copy"], "cif": [copy.to(fmt="cif")], active.TARGET: 0.0}))
     assert graph_fingerprints(seen.graphs)[0] != graph_fingerprints(candidate_graphs(parents, candidates, [first]))[0]
-    is_known = active.known_candidate_test(parents, candidates, seen)
-    assert is_known(first)
-    assert not all(is_known(i) for i in same)
+    novel = active.novel_candidates(parents, candidates, seen)
+    assert list(novel(iter([first]))) == []
+    assert list(novel(iter(same)))
+
+
+def test_a_crystal_is_picked_once_per_stream(initial, cache_dir):
+    """Within one stream of picks a repeat of an earlier pick (here: strained copies of one
+    candidate as separate parents) is skipped; each stream starts afresh."""
+    from matjax.data.graphs import graph_to_structure, pack, structure_to_graph
+    from matjax.discovery.substitution import Candidates, candidate_graphs
+
+    known = load(initial)
+    parents, candidates = active.build_pool(known, active.known_hull(known), CFG)
+    base = graph_to_structure(candidate_graphs(parents, candidates, [0]).graph(0))
+    copies = [base.copy() for _ in range(3)]
+    for copy, strain in zip(copies, (0.0, 0.03, -0.03)):
+        copy.apply_strain([strain, 0.0, -strain])
+    three = pack([structure_to_graph(copy, 6.0, 12) for copy in copies])
+    species = np.zeros((3, candidates.old.shape[1]), dtype=np.int32)
+    z = sorted({site.specie.Z for site in base})
+    species[:, : len(z)] = z
+    unchanged = Candidates(np.arange(3), species, species, np.ones(3), np.ones(3))
+    novel = active.novel_candidates(three, unchanged, known)
+    assert list(novel(iter([0, 1, 2]))) == [0]
+    assert list(novel(iter([2, 1, 0]))) == [2]
 
 
 def test_choose_skips_known_candidates_in_both_picks():
@@ -193,7 +215,7 @@ def test_choose_skips_known_candidates_in_both_picks():
     cfg = DiscoveryConfig(n_select=3, n_random=4, max_per_formula=1)
     known = {1, 2}
     selected, random = active.choose(mean, np.zeros(6), e_hull, formulas, cfg, np.random.default_rng(0),
-                                     lambda i: i in known)
+                                     lambda order: (i for i in order if i not in known))
     # Ranked 1, 3, 0, 4, 5: 1 is known, so CuPd's one slot goes to 3, the next CuPd (0) is capped.
     assert selected.tolist() == [3, 4, 5]
     assert len(random) == 4 and not known & set(random.tolist()) and len(set(random.tolist())) == 4
