@@ -32,6 +32,8 @@ class DiscoveryConfig:
     the ensemble std in the hit probability that ranks candidates;
     parent_max_e_above_hull: known crystals within this of the hull (eV/atom) are parents
     for substitution; substitution_threshold: minimum substitution probability;
+    single_site: also substitute single atoms of the parents (partial substitution), which
+    keeps the pool growing with every round's discoveries;
     allowed_elements: chemical-space filter (None: any); max_per_formula: most candidates of
     one reduced formula selected per round (None: no limit); hit_tolerance: a validated crystal
     within this of the known hull (eV/atom) counts as a hit; seed.
@@ -43,6 +45,7 @@ class DiscoveryConfig:
     noise_floor: float = 0.01
     parent_max_e_above_hull: float = 0.03
     substitution_threshold: float = 1e-3
+    single_site: bool = True
     allowed_elements: tuple[str, ...] | None = None
     max_per_formula: int | None = None
     hit_tolerance: float = 0.0

@@ -202,7 +202,7 @@ def test_a_crystal_is_picked_once_per_stream(initial, cache_dir):
     species = np.zeros((3, candidates.old.shape[1]), dtype=np.int32)
     z = sorted({site.specie.Z for site in base})
     species[:, : len(z)] = z
-    unchanged = Candidates(np.arange(3), species, species, np.ones(3), np.ones(3))
+    unchanged = Candidates(np.arange(3), species, species, np.ones(3), np.ones(3), np.full(3, -1), np.zeros(3, int))
     novel = active.novel_candidates(three, unchanged, known)
     assert list(novel(iter([0, 1, 2]))) == [0]
     assert list(novel(iter([2, 1, 0]))) == [2]

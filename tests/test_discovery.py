@@ -13,6 +13,7 @@ from matjax.data.graphs import build_graph, pack, structure_to_graph
 from matjax.discovery.fingerprint import first_occurrences, graph_fingerprints
 from matjax.discovery.hull import Hull
 from matjax.discovery.oracles import LabelOracle, emt_oracle
+from matjax.discovery.screening import candidate_formulas
 from matjax.discovery.substitution import candidate_graphs, generate_candidates, topology_reusable
 
 FCC = [[0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]]
@@ -54,6 +55,30 @@ def test_ionic_substitutions_are_charge_balanced():
             assert comp.oxi_state_guesses(), f"{comp.reduced_formula} is not charge balanced"
     formulas = {formula(graphs.graph(i).species).reduced_formula for i in range(len(cands))}
     assert "KCl" in formulas and "NaBr" in formulas
+
+
+@pytest.mark.parametrize("parent", [CU3AU, NACL], ids=["metallic", "ionic"])
+def test_single_site_substitutions_change_one_atom(parent):
+    """Each single-site candidate differs from its parent in exactly one atom, never leaves a
+    pure element, stays charge balanced where the parent is ionic, and its formula (from
+    counts alone, as screening computes it) is its graph's."""
+    parents = pack([structure_to_graph(parent, 8.0, 12)])
+    whole = generate_candidates(parents, allowed_elements=None if parent is NACL else ELEMENTS)
+    both = generate_candidates(parents, allowed_elements=None if parent is NACL else ELEMENTS, single_site=True)
+    one = np.flatnonzero(both.site >= 0)
+    assert len(both) - len(one) == len(whole) and len(one) > 5
+    graphs = candidate_graphs(parents, both, one)
+    formulas = candidate_formulas(both, parents, one)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for k, i in enumerate(one):
+            species = graphs.graph(k).species
+            assert (species != parents.species).sum() == 1 and species[both.site[i]] == both.site_z[i]
+            comp = formula(species)
+            assert len(comp) >= 2 and comp.reduced_formula == formulas[k]
+            assert parent is not NACL or comp.oxi_state_guesses(), comp.reduced_formula
+    if parent is CU3AU:  # the lone Au cannot become Cu; a Cu can become Pt
+        assert "Cu" not in formulas and "Cu2PtAu" in formulas
 
 
 def test_volume_follows_atomic_size():

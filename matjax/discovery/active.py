@@ -114,7 +114,8 @@ def build_pool(known: Dataset, hull: Hull, cfg: DiscoveryConfig,
     parents = take(known.graphs, np.flatnonzero(e_hull <= cfg.parent_max_e_above_hull))
     if len(parents) == 0:
         raise ValueError(f"no known crystal within {cfg.parent_max_e_above_hull} eV/atom of the hull to substitute into")
-    candidates = generate_candidates(parents, cfg.allowed_elements, cfg.substitution_threshold)
+    candidates = generate_candidates(parents, cfg.allowed_elements, cfg.substitution_threshold,
+                                     single_site=cfg.single_site)
     exclude = [graph_fingerprints(g) for g in (known.graphs, seen) if g is not None]
     keep = first_occurrences(graph_fingerprints(candidate_graphs(parents, candidates)), exclude=np.concatenate(exclude))
     return parents, candidates.subset(np.flatnonzero(keep))

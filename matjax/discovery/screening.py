@@ -16,6 +16,7 @@ mean or a lower confidence bound (prevalence 12%).
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -58,10 +59,14 @@ def candidate_formulas(candidates: Candidates, parents: PackedGraphs, indices) -
     formulas = []
     for i in np.asarray(indices):
         p = candidates.parent[i]
-        old_z, counts = np.unique(parents.species[starts[p]: starts[p] + parents.n_node[p]], return_counts=True)
-        slots = [int(np.flatnonzero(candidates.old[i] == z)[0]) for z in old_z]
-        formula = {symbols()[candidates.new[i, s]]: int(n) for s, n in zip(slots, counts)}
-        formulas.append(Composition(formula).reduced_formula)
+        species = parents.species[starts[p]: starts[p] + parents.n_node[p]]
+        old_z, counts = np.unique(species, return_counts=True)
+        new_z = [candidates.new[i, np.flatnonzero(candidates.old[i] == z)[0]] for z in old_z]
+        formula = Counter({symbols()[z]: int(n) for z, n in zip(new_z, counts)})
+        if candidates.site[i] >= 0:
+            formula[symbols()[new_z[np.searchsorted(old_z, species[candidates.site[i]])]]] -= 1
+            formula[symbols()[candidates.site_z[i]]] += 1
+        formulas.append(Composition(+formula).reduced_formula)
     return formulas
 
 

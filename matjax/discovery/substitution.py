@@ -10,6 +10,11 @@ its score is the product of the conditional probabilities, and candidates below
   ions and keep only charge-balanced candidates.
 - Metallic parents (intermetallics such as the built-in EMT alloys) have no oxidation
   states; element similarity is the largest P(new ion | old ion) over the elements' ions.
+- Single-site substitution (``single_site=True``) also replaces one atom of a parent by a
+  similar element (an ion of the same charge where the parent is ionic): a partial
+  substitution in the spirit of GNoME's SAPS (Merchant et al., Nature 624, 80, 2023), which
+  reaches new compositions and orderings inside known near-hull cells. Symmetry-equivalent
+  sites give the same crystal, which the pool's fingerprint removes.
 
 The volume is rescaled by the ratio of summed atomic volumes (radius^3 from
 ``elements.csv``). A candidate is only (parent index, species map, probability, volume
@@ -38,7 +43,8 @@ class Candidates:
     """C substitution candidates.
 
     parent: [C] int index into the parents; old: [C, MAX_SPECIES] parent Z per slot (0 = unused);
-    new: [C, MAX_SPECIES] replacement Z per slot; probability: [C]; volume_scale: [C] (V_new / V_old).
+    new: [C, MAX_SPECIES] replacement Z per slot; probability: [C]; volume_scale: [C] (V_new / V_old);
+    site: [C] parent atom that then becomes ``site_z`` [C] (-1 and 0: whole-element substitution).
     """
 
     parent: np.ndarray
@@ -46,6 +52,8 @@ class Candidates:
     new: np.ndarray
     probability: np.ndarray
     volume_scale: np.ndarray
+    site: np.ndarray
+    site_z: np.ndarray
 
     def __len__(self) -> int:
         return len(self.parent)
@@ -151,10 +159,41 @@ def substitutions(
     return new[ok][order], prob[ok][order]
 
 
+def single_site_substitutions(
+    old: Sequence[int],
+    site_slot: np.ndarray,
+    ions: dict | None,
+    allowed: np.ndarray,
+    threshold: float = 1e-3,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every one-atom substitution of one parent that leaves at least two elements:
+    (site [S], new Z [S], probability [S]).
+
+    old: [k] parent Z per slot; site_slot: [n] slot of each parent atom; ions, allowed,
+    threshold: as in ``substitutions`` (an ion only replaces an ion of its own charge, so
+    a charge-balanced parent stays balanced).
+    """
+    ion_charge = None if ions is None else {z: _ion_matrix()[2][_ion_matrix()[0].index(ions[symbols()[z]])] for z in old}
+    per_slot = []
+    for z_old, (z, p, q) in zip(old, _options(old, ions, allowed, threshold)):
+        keep = (z != z_old) & (True if q is None else q == ion_charge[z_old])
+        per_slot.append((z[keep], p[keep]))
+    sites = [(np.full(len(per_slot[k][0]), i), *per_slot[k]) for i, k in enumerate(site_slot)]
+    site, new, prob = (np.concatenate(parts) for parts in zip(*sites))
+    # A lone atom replaced by an element already present can leave a pure element, the
+    # formation-energy reference: no discovery, so never a candidate.
+    n_elements = len(old) - (np.bincount(site_slot)[site_slot[site]] == 1) + ~np.isin(new, old)
+    keep = n_elements >= 2
+    return site[keep].astype(np.int64), new[keep].astype(np.int64), prob[keep]
+
+
 def _volume_scale(old: np.ndarray, new: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """[S] V_new / V_old from summed atomic-radius cubes."""
-    r3 = element_descriptors(standardize=False)[:, RADIUS_COLUMN].astype(np.float64) ** 3
-    return (r3[new] * counts).sum(1) / (r3[old] * counts).sum()
+    return (_r3()[new] * counts).sum(1) / (_r3()[old] * counts).sum()
+
+
+def _r3() -> np.ndarray:
+    return element_descriptors(standardize=False)[:, RADIUS_COLUMN].astype(np.float64) ** 3
 
 
 def generate_candidates(
@@ -163,11 +202,14 @@ def generate_candidates(
     threshold: float = 1e-3,
     max_per_parent: int | None = None,
     ionic: bool = True,
+    single_site: bool = False,
 ) -> Candidates:
     """Substitution candidates for every parent crystal.
 
     allowed_elements: chemical-space filter (None allows every element in the table);
-    ionic: detect ionic parents and substitute ions (False treats every parent as metallic).
+    max_per_parent: most whole-element substitutions per parent (the likeliest);
+    ionic: detect ionic parents and substitute ions (False treats every parent as metallic);
+    single_site: add every one-atom substitution (``single_site_substitutions``).
     """
     from pymatgen.core import Composition
 
@@ -179,7 +221,8 @@ def generate_candidates(
     parts = []
     starts = np.cumsum(parents.n_node) - parents.n_node
     for i in range(len(parents)):
-        z, counts = np.unique(parents.species[starts[i]: starts[i] + parents.n_node[i]], return_counts=True)
+        species = parents.species[starts[i]: starts[i] + parents.n_node[i]]
+        z, site_slot, counts = np.unique(species, return_inverse=True, return_counts=True)
         if len(z) > MAX_SPECIES:
             continue
         composition = Composition({symbols()[a]: int(c) for a, c in zip(z, counts)})
@@ -187,9 +230,12 @@ def generate_candidates(
         new, prob = substitutions(z, counts, ions, allowed, threshold)
         if max_per_parent is not None:
             new, prob = new[:max_per_parent], prob[:max_per_parent]
-        if len(new):
-            parts.append((i, z, new, prob, _volume_scale(z, new, counts)))
-    return _stack(parts)
+        parts.append((i, z, new, prob, _volume_scale(z, new, counts), np.full(len(new), -1), np.zeros(len(new))))
+        if single_site:
+            site, site_z, prob = single_site_substitutions(z, site_slot, ions, allowed, threshold)
+            scale = 1 + (_r3()[site_z] - _r3()[species[site]]) / _r3()[species].sum()
+            parts.append((i, z, np.tile(z, (len(site), 1)), prob, scale, site, site_z))
+    return _stack([part for part in parts if len(part[3])])
 
 
 def _stack(parts) -> Candidates:
@@ -197,13 +243,14 @@ def _stack(parts) -> Candidates:
     old = np.zeros((n, MAX_SPECIES), dtype=np.int32)
     new = np.zeros((n, MAX_SPECIES), dtype=np.int32)
     row = 0
-    for _, z, sub, _, _ in parts:
+    for _, z, sub, *_ in parts:
         old[row: row + len(sub), : len(z)] = z
         new[row: row + len(sub), : len(z)] = sub
         row += len(sub)
     cat = lambda k, dtype: np.concatenate([p[k] for p in parts]).astype(dtype) if parts else np.zeros(0, dtype)
     parent = np.concatenate([np.full(len(p[3]), p[0]) for p in parts]) if parts else np.zeros(0, int)
-    return Candidates(parent.astype(np.int64), old, new, cat(3, np.float64), cat(4, np.float64))
+    return Candidates(parent.astype(np.int64), old, new, cat(3, np.float64), cat(4, np.float64),
+                      cat(5, np.int64), cat(6, np.int32))
 
 
 def candidate_graphs(parents: PackedGraphs, candidates: Candidates, indices=None) -> PackedGraphs:
@@ -218,6 +265,8 @@ def candidate_graphs(parents: PackedGraphs, candidates: Candidates, indices=None
     node_candidate = np.repeat(np.arange(len(idx)), graphs.n_node)
     slot = np.argmax(candidates.old[idx][node_candidate] == graphs.species[:, None], axis=1)
     species = candidates.new[idx][node_candidate, slot]
+    one = np.flatnonzero(candidates.site[idx] >= 0)
+    species[(np.cumsum(graphs.n_node) - graphs.n_node)[one] + candidates.site[idx][one]] = candidates.site_z[idx][one]
     scale = np.cbrt(candidates.volume_scale[idx])
     return graphs.replace(
         species=species.astype(graphs.species.dtype),
