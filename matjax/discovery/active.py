@@ -3,7 +3,8 @@
 Round r = 1, 2, ... works in ``<run_dir>/round-<r>/`` and saves every stage's output atomically::
 
     model/        the surrogate's checkpoints (it resumes from them)
-    pool.npz      substitution candidates into near-hull known crystals, de-duplicated by
+    pool.npz      substitution candidates (whole elements and single atoms) into near-hull known
+                  crystals, de-duplicated by
                   fingerprint against each other and every structure known or already validated
     screen.npz    ensemble mean and std of the formation energy of every candidate
     picks.csv     candidates chosen by the acquisition and at random (the baseline), both
