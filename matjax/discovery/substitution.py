@@ -173,18 +173,22 @@ def single_site_substitutions(
     threshold: as in ``substitutions`` (an ion only replaces an ion of its own charge, so
     a charge-balanced parent stays balanced).
     """
-    ion_charge = None if ions is None else {z: _ion_matrix()[2][_ion_matrix()[0].index(ions[symbols()[z]])] for z in old}
+    charge = None
+    if ions is not None:
+        names, _, charges, _ = _ion_matrix()
+        charge = {z: charges[names.index(ions[symbols()[z]])] for z in old}
     per_slot = []
     for z_old, (z, p, q) in zip(old, _options(old, ions, allowed, threshold)):
-        keep = (z != z_old) & (True if q is None else q == ion_charge[z_old])
+        keep = (z != z_old) & (True if q is None else q == charge[z_old])
         per_slot.append((z[keep], p[keep]))
-    sites = [(np.full(len(per_slot[k][0]), i), *per_slot[k]) for i, k in enumerate(site_slot)]
-    site, new, prob = (np.concatenate(parts) for parts in zip(*sites))
+    site = np.concatenate([np.full(len(per_slot[k][0]), i, dtype=np.int64) for i, k in enumerate(site_slot)])
+    new = np.concatenate([per_slot[k][0] for k in site_slot]).astype(np.int64)
+    prob = np.concatenate([per_slot[k][1] for k in site_slot]).astype(np.float64)
     # A lone atom replaced by an element already present can leave a pure element, the
     # formation-energy reference: no discovery, so never a candidate.
     n_elements = len(old) - (np.bincount(site_slot)[site_slot[site]] == 1) + ~np.isin(new, old)
     keep = n_elements >= 2
-    return site[keep].astype(np.int64), new[keep].astype(np.int64), prob[keep]
+    return site[keep], new[keep], prob[keep]
 
 
 def _volume_scale(old: np.ndarray, new: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -192,6 +196,7 @@ def _volume_scale(old: np.ndarray, new: np.ndarray, counts: np.ndarray) -> np.nd
     return (_r3()[new] * counts).sum(1) / (_r3()[old] * counts).sum()
 
 
+@functools.cache
 def _r3() -> np.ndarray:
     return element_descriptors(standardize=False)[:, RADIUS_COLUMN].astype(np.float64) ** 3
 
