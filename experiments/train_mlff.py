@@ -20,6 +20,7 @@ from pathlib import Path
 from matjax.config import MLFFConfig, MLFFTrainConfig
 from matjax.data.batching import budget_for
 from matjax.data.forcefield import load_forcefield
+from matjax.models.mlff import MODELS
 from matjax.train.forcefield import evaluate, make_eval_step, plot_parity, scalar_metrics, train
 
 CONFIGS = {
@@ -60,7 +61,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=sorted(CONFIGS), default="default")
     parser.add_argument("--dataset", help="emt, mlearn-<Si|Ge|Li|Mo>, aspirin, 3bpa or water")
-    parser.add_argument("--model", choices=["invariant", "painn"])
+    parser.add_argument("--model", choices=sorted(MODELS))
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--time-budget", type=float, help="seconds of training after which the run stops")
     parser.add_argument("--stress-weight", type=float, help="weight of the stress MSE (eV/A^3) in the loss")

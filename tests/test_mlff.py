@@ -21,6 +21,7 @@ CUTOFF = 3.0
 CONFIGS = {
     "invariant": MLFFConfig(model="invariant", cutoff=CUTOFF, features=16, num_interactions=2, num_rbf=8, avg_neighbors=10.0),
     "painn": MLFFConfig(model="painn", cutoff=CUTOFF, features=16, num_interactions=2, num_rbf=8, avg_neighbors=10.0),
+    "moment": MLFFConfig(model="moment", cutoff=CUTOFF, features=16, num_interactions=2, num_rbf=8, avg_neighbors=10.0),
 }
 
 
@@ -194,6 +195,24 @@ def test_padding_and_batching_do_not_change_results(name):
     np.testing.assert_allclose(fab[:8], np.concatenate([fa[:4], fb[:4]]), atol=1e-5)
     np.testing.assert_allclose(sab[:2], np.stack([sa[0], sb[0]]), atol=1e-6)
     chex.assert_tree_all_finite((eab, fab, sab))
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_only_the_equivariant_models_resolve_bond_angles(name):
+    """A-B-A at 100 and 140 degrees, bonds of 2 A, the A-A distance beyond the cutoff: every
+    pair distance within the cutoff is the same, so only angular features tell them apart."""
+    def bent(degrees):
+        half = np.radians(degrees) / 2
+        cart = 6.0 + np.array([[0, 0, 0], [2 * np.sin(half), 2 * np.cos(half), 0], [-2 * np.sin(half), 2 * np.cos(half), 0]])
+        return _energy(model, variables, np.array([14, 8, 8]), cart / 12.0, 12.0 * np.eye(3))
+
+    with jax.enable_x64(True):  # float64: the invariant model's difference is rounding only
+        model, variables = _variables(name, jnp.float64)
+        difference = abs(bent(100.0) - bent(140.0))
+    if name == "invariant":
+        assert difference < 1e-10
+    else:
+        assert difference > 1e-7
 
 
 def test_edge_chunks_do_not_change_the_invariant_model():

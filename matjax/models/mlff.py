@@ -21,6 +21,9 @@ the ``constants`` variable collection: stored with the parameters, never trained
   about a third of the per-edge work (edges outnumber atoms ~40:1 in a metal).
 - ``PaiNN``: scalar and vector features per atom (Schütt et al., ICML 2021), equivariant
   messages along the unit edge vectors, more accurate at the same size.
+- ``MomentMLFF``: invariant scalars updated from rank-0/1/2 Cartesian moments of each
+  neighbourhood contracted to 2-, 3- and 4-body invariants (as in moment tensor
+  potentials and MACE, in 3 x 3 algebra): bond angles resolved in every layer.
 """
 
 from __future__ import annotations
@@ -193,7 +196,65 @@ class PaiNN(nn.Module):
         return _Constants()(species, _Readout(cfg.features)(s))
 
 
-MODELS = {"invariant": InvariantMLFF, "painn": PaiNN}
+class MomentInteraction(nn.Module):
+    """Scalar update from Cartesian moments of the neighbourhood up to rank 2 (MTP / ACE style).
+
+    Per atom and channel f, with unit vectors u_ij and weights w_ij = R(r_ij) * (W s_j):
+    A0 = sum_j w0, A1 = sum_j w1 u [3], A2 = sum_j w2 (u u^T - I / 3) [3, 3]. Channel-mixed
+    copies of them (linear maps over f commute with rotations) are contracted to invariants
+    of body order 2 (A0), 3 (A1 . A1', A2 : A2') and 4 (A1^T A2 A1', tr A2 A2' A2''), which
+    resolve bond angles that the l = 1 vectors of PaiNN can only reach by stacking layers.
+    s_i += A0 + MLP([s_i, invariants]): the direct two-body term keeps the energy's
+    dependence on geometry O(1) at initialisation, where the angular invariants are small.
+    """
+
+    features: int
+
+    @nn.compact
+    def __call__(self, s, rbf, envelope, units, senders, receivers):
+        F, n = self.features, s.shape[0]
+        radial = nn.Dense(3 * F)(rbf) * envelope[:, None]
+        w0, w1, w2 = jnp.split(nn.Dense(3 * F)(s)[senders] * radial, 3, axis=-1)  # [E, F] each
+        traceless = units[:, :, None] * units[:, None, :] - jnp.eye(3) / 3.0  # [E, 3, 3]
+        a0 = jax.ops.segment_sum(w0, receivers, n)
+        a1 = jax.ops.segment_sum(units[:, :, None] * w1[:, None, :], receivers, n)  # [N, 3, F]
+        a2 = jax.ops.segment_sum(traceless[..., None] * w2[:, None, None, :], receivers, n)  # [N, 3, 3, F]
+        p, q = jnp.split(nn.Dense(2 * F, use_bias=False, name="mix1")(a1), 2, axis=-1)
+        x, y, z = jnp.split(nn.Dense(3 * F, use_bias=False, name="mix2")(a2), 3, axis=-1)
+        invariants = [
+            a0,
+            jnp.sum(p * q, axis=1),
+            jnp.sum(x * y, axis=(1, 2)),
+            jnp.einsum("nif,nijf,njf->nf", p, z, q),
+            jnp.einsum("nijf,njkf,nkif->nf", x, y, z),
+        ]
+        update = nn.Dense(F)(nn.silu(nn.Dense(F)(jnp.concatenate([s, *invariants], axis=-1))))
+        return s + a0 + update
+
+
+class MomentMLFF(nn.Module):
+    """Invariant scalars updated from rank-0/1/2 Cartesian moments of each neighbourhood.
+
+    Same call signature as ``InvariantMLFF``. Every layer sees many-body angular
+    information directly (up to 4-body), like moment tensor potentials and MACE, with
+    only 3 x 3 tensor algebra: no spherical harmonics or Clebsch-Gordan tables.
+    """
+
+    cfg: MLFFConfig
+
+    @nn.compact
+    def __call__(self, species, vectors, senders, receivers, edge_mask=None):
+        cfg = self.cfg
+        mask = jnp.ones(vectors.shape[:1], bool) if edge_mask is None else edge_mask
+        distances, rbf, envelope = _edge_geometry(vectors, mask, cfg)
+        units = vectors / distances[:, None]
+        s = nn.Embed(MAX_Z, cfg.features)(species)
+        for _ in range(cfg.num_interactions):
+            s = MomentInteraction(cfg.features)(s, rbf, envelope, units, senders, receivers)
+        return _Constants()(species, _Readout(cfg.features)(s))
+
+
+MODELS = {"invariant": InvariantMLFF, "painn": PaiNN, "moment": MomentMLFF}
 
 
 def create_model(cfg: MLFFConfig) -> nn.Module:
