@@ -30,12 +30,12 @@ CONFIGS = {
         MLFFTrainConfig(dataset="emt", n_frames=30, epochs=2, batch_size=4),
     ),
     "mlearn": (
-        MLFFConfig(model="painn", features=128, num_interactions=3, num_rbf=20),
+        MLFFConfig(model="moment", features=128, num_interactions=3, num_rbf=20),
         MLFFTrainConfig(dataset="mlearn-Si", batch_size=2, epochs=400, learning_rate=3e-3, energy_weight=30.0,
                         force_weight=1.0, ema_decay=0.995, warmup_epochs=5, eval_every=10),
     ),
     "aspirin": (
-        MLFFConfig(model="painn", features=128, num_interactions=3, num_rbf=20),
+        MLFFConfig(model="moment", features=128, num_interactions=3, num_rbf=20),
         MLFFTrainConfig(dataset="aspirin", batch_size=5, epochs=600, learning_rate=3e-3, energy_weight=1.0,
                         force_weight=100.0, ema_decay=0.999, warmup_epochs=5, eval_every=10),
     ),
