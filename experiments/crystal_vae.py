@@ -130,6 +130,12 @@ def main():
     prior = realise(decoded, z, templates)
     metrics.update(generation_metrics(compositions(decoded.counts), prior.structures, train.structure, formulas))
     metrics["prior_skipped"] = dict(Counter(why.split(" to ")[0].split(" (")[0] for _, _, why in prior.skipped))
+    # The same latents decoded under the charge-balance constraint (the designs below use it).
+    balanced, known = compositions(vae.decode(z, charge_balanced=True).counts), set(formulas)
+    metrics["composition_validity_charge_constrained"] = float(np.mean([composition_valid(c) for c in balanced]))
+    metrics["charge_constrained_changed"] = float(np.mean([a != b for a, b in zip(balanced, compositions(decoded.counts))]))
+    for key, comps in (("new_formula_share", compositions(decoded.counts)), ("new_formula_share_charge_constrained", balanced)):
+        metrics[key] = float(np.mean([c.reduced_formula not in known for c in comps]))
     # The same checks on samples of the aggregate posterior, the latents the decoder was trained on.
     z_post = aggregate_posterior_latents(train_mu, train_logvar, cfg["n_prior"], args.seed)
     decoded_post = vae.decode(z_post)
@@ -146,7 +152,7 @@ def main():
     for target in TARGETS:
         key = f"{target:.1f}".replace(".", "p")
         _, z_design, trajectories[target] = design_latents(vae, design, target, train.target(gap))
-        found = vae.decode(z_design)
+        found = vae.decode(z_design, charge_balanced=True)
         candidates = realise(found, z_design, templates)
         names = [f"design_{key}_{i:04d}_{formula(c)}" for i, c in enumerate(found.counts)]
         write_cifs(candidates.structures, names, args.out / "cifs" / f"design_{key}")

@@ -148,6 +148,7 @@ def test_experiment_test_config_writes_metrics_plots_and_cifs(tmp_path):
                 "stoichiometry_accuracy", "design_kept_1p5", "design_unchecked_hit_rate_3p0"):
         assert key in metrics, key
     assert 0 <= metrics["composition_validity"] <= 1 and metrics["n_samples"] == 48
+    assert metrics["composition_validity"] <= metrics["composition_validity_charge_constrained"] <= 1
     for name in ("latent.png", "design.png"):
         assert (tmp_path / name).stat().st_size > 10000
     assert len(list((tmp_path / "cifs").rglob("*.cif"))) >= 0.9 * (48 + 2 * 16)

@@ -20,8 +20,9 @@ from matjax.models.vae import (N_ELEMENTS, LatticeScaler, VAEOutput, composition
                                stoichiometry_index, vae_loss)
 from matjax.train.checkpoint import Checkpointer
 from matjax.train.loop import NonFiniteLossError
-from matjax.discovery.latent_design import check_target, design_latents, reencoded_properties
-from matjax.train.vae import fit_vae, graph_counts, load_vae, reconstruction_metrics
+from matjax.discovery.latent_design import check_target, compositions, design_latents, reencoded_properties
+from matjax.discovery.validity import composition_valid
+from matjax.train.vae import balance_last_slot, fit_vae, graph_counts, load_vae, reconstruction_metrics
 
 CONFIG = VAEConfig(
     CGCNNConfig(GraphConfig(5.0, 8, 16), atom_features=32, n_conv=2, hidden_features=64), latent_dim=16,
@@ -196,6 +197,24 @@ def test_decoders_give_valid_distributions_and_crystals(trained):
     np.testing.assert_array_equal(decoded.counts.sum(1), decoded.n_atoms)
     assert np.all(decoded.counts >= 0) and np.all(decoded.counts[:, 0] == 0)
     assert np.all(decoded.lattice[:, :3] > 0)
+    balanced = vae.decode(np.asarray(z), charge_balanced=True)  # same stoichiometry and lattice, valid as often or more
+    np.testing.assert_array_equal(balanced.n_atoms, decoded.n_atoms)
+    np.testing.assert_array_equal(np.sort(balanced.counts, 1), np.sort(decoded.counts, 1))
+    share = [np.mean([composition_valid(c) for c in compositions(d.counts)]) for d in (decoded, balanced)]
+    assert share[1] >= share[0]
+
+
+def test_charge_balanced_decoding_re_decodes_only_the_last_element():
+    """The last slot prefers O for NaO (Na+ O2-: unbalanced); the best-scored balancing element is Cl."""
+    Na, O, F, Cl = 11, 8, 9, 17
+    logits = np.full((4, 2, N_ELEMENTS), -1e9)  # -1e9: masked (padding, or the element of slot 0)
+    logits[:, 1, [O, Cl, F]] = [5.0, 4.0, 3.0]
+    logits[3, 1, [Cl, F]] = -1e9  # only the unbalanced choice is allowed: kept, reported invalid downstream
+    elements = np.array([[Na, O], [Na, F], [Na, O], [Na, O]])
+    counts = np.array([[1, 1], [1, 1], [2, 1], [1, 1]])  # NaO, NaF (valid), Na2O (valid), NaO
+    balanced = balance_last_slot(elements, counts, logits)
+    np.testing.assert_array_equal(balanced, [[Na, Cl], [Na, F], [Na, O], [Na, O]])
+    np.testing.assert_array_equal(elements, [[Na, O], [Na, F], [Na, O], [Na, O]])  # the input is not modified
 
 
 def test_training_beats_the_baselines(trained, splits):

@@ -35,6 +35,7 @@ from matjax.config import TrainConfig, VAEConfig
 from matjax.data.batching import budget_for, iterate_batches
 from matjax.data.dataset import Dataset
 from matjax.data.graphs import PackedGraphs, concat
+from matjax.discovery.validity import composition_valid
 from matjax.models.vae import (N_ELEMENTS, CrystalVAE, LatticeScaler, create_vae, decode_composition, kl_weight, lattice_parameters,
                                stoichiometries, vae_loss)
 from matjax.train.checkpoint import Checkpointer, abstract_like, config_from_dict, config_to_dict, restore_best
@@ -81,9 +82,16 @@ class TrainedVAE:
         inverse = np.argsort(np.concatenate(order))
         return np.concatenate(mu)[inverse], np.concatenate(logvar)[inverse]
 
-    def decode(self, z: np.ndarray) -> DecodedCrystals:
-        """The most likely stoichiometry given to the most likely elements, and the lattice, of latents z [S, d]."""
-        return DecodedCrystals(*map(np.asarray, _decode(self.model, self.variables, self.lattice_scaler, jnp.asarray(z))))
+    def decode(self, z: np.ndarray, charge_balanced: bool = False) -> DecodedCrystals:
+        """The most likely stoichiometry given to the most likely elements, and the lattice, of latents z [S, d].
+
+        charge_balanced: decode the last element of each composition under the constraint that
+        the composition is valid (``balance_last_slot``), as molecular decoders mask valences.
+        """
+        n_atoms, slot_counts, elements, logits, lattice = map(np.asarray, _decode(self.model, self.variables, self.lattice_scaler, jnp.asarray(z)))
+        if charge_balanced:
+            elements = balance_last_slot(elements, slot_counts, logits)
+        return DecodedCrystals(n_atoms, np.asarray(decode_composition(elements, slot_counts)), lattice)
 
     def predict_properties(self, z: np.ndarray) -> np.ndarray:
         """[S, T] properties (physical units) of latents z [S, d], from the VAE's own head."""
@@ -102,11 +110,41 @@ def _properties(model, variables, z):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _decode(model, variables, lattice_scaler, z):
-    _, elements, stoichiometry_logits, lattice = model.apply(variables, z, method=model.decode)
+    """(n_atoms [S], slot counts [S, K], elements [S, K], element logits [S, K, N_ELEMENTS], lattice [S, 6])."""
+    logits, elements, stoichiometry_logits, lattice = model.apply(variables, z, method=model.decode)
     table = jnp.asarray(stoichiometries(model.config.max_atoms, model.config.max_species))
     stoichiometry = table[jnp.argmax(stoichiometry_logits, -1)]
     n_atoms = jnp.sum(stoichiometry, -1)
-    return n_atoms, decode_composition(elements, stoichiometry), lattice_scaler.inverse(lattice, n_atoms)
+    return n_atoms, stoichiometry, elements, logits, lattice_scaler.inverse(lattice, n_atoms)
+
+
+def balance_last_slot(elements: np.ndarray, slot_counts: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """elements [S, K] (Z; 0 = empty slot) with each invalid composition's last filled slot re-decoded.
+
+    slot_counts [S, K]: atoms per slot; logits [S, K, N_ELEMENTS]: each slot's scores given the
+    elements of the slots before it (the decoder's greedy pass), so the last slot's scores
+    stay exact when its element changes. A composition that is not valid
+    (``composition_valid``) takes the highest-scoring last element that makes it valid;
+    where none does it is kept as decoded, and reported invalid downstream.
+    """
+    from pymatgen.core import Composition, Element
+
+    def valid(row, counts):
+        return composition_valid(Composition({Element.from_Z(int(z)).symbol: int(n) for z, n in zip(row, counts) if n > 0}))
+
+    out = np.array(elements)
+    for i, (row, counts) in enumerate(zip(out, slot_counts)):
+        if valid(row, counts):
+            continue
+        last = np.flatnonzero(counts > 0)[-1]
+        allowed = np.flatnonzero(logits[i, last] > -1e8)  # not padding, not an earlier slot's element
+        for z in allowed[np.argsort(-logits[i, last, allowed])]:
+            row[last] = z
+            if valid(row, counts):
+                break
+        else:
+            row[last] = elements[i, last]
+    return out
 
 
 def graph_counts(graphs: PackedGraphs) -> np.ndarray:
