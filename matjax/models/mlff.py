@@ -52,6 +52,13 @@ def _edge_geometry(vectors, edge_mask, cfg: MLFFConfig):
     return distances, gaussian_rbf(distances, cfg.cutoff, cfg.num_rbf), envelope
 
 
+def _edge_directions(vectors, edge_mask, cfg: MLFFConfig):
+    """(rbf [E, num_rbf], envelope [E], unit vectors [E, 3]) for the equivariant models; edge_mask None = all real."""
+    mask = jnp.ones(vectors.shape[:1], bool) if edge_mask is None else edge_mask
+    distances, rbf, envelope = _edge_geometry(vectors, mask, cfg)
+    return rbf, envelope, vectors / distances[:, None]
+
+
 class _Constants(nn.Module):
     """Per-element reference energies [MAX_Z] and the energy scale (never trained)."""
 
@@ -185,9 +192,7 @@ class PaiNN(nn.Module):
     @nn.compact
     def __call__(self, species, vectors, senders, receivers, edge_mask=None):
         cfg = self.cfg
-        mask = jnp.ones(vectors.shape[:1], bool) if edge_mask is None else edge_mask
-        distances, rbf, envelope = _edge_geometry(vectors, mask, cfg)
-        units = vectors / distances[:, None]
+        rbf, envelope, units = _edge_directions(vectors, edge_mask, cfg)
         s = nn.Embed(MAX_Z, cfg.features)(species)
         v = jnp.zeros((s.shape[0], 3, cfg.features), s.dtype)
         for _ in range(cfg.num_interactions):
@@ -244,14 +249,12 @@ class MomentMLFF(nn.Module):
 
     @nn.compact
     def __call__(self, species, vectors, senders, receivers, edge_mask=None):
-        cfg = self.cfg
-        mask = jnp.ones(vectors.shape[:1], bool) if edge_mask is None else edge_mask
-        distances, rbf, envelope = _edge_geometry(vectors, mask, cfg)
-        units = vectors / distances[:, None]
-        s = nn.Embed(MAX_Z, cfg.features)(species)
-        for _ in range(cfg.num_interactions):
-            s = MomentInteraction(cfg.features)(s, rbf, envelope, units, senders, receivers)
-        return _Constants()(species, _Readout(cfg.features)(s))
+        features = self.cfg.features
+        rbf, envelope, units = _edge_directions(vectors, edge_mask, self.cfg)
+        s = nn.Embed(MAX_Z, features)(species)
+        for _ in range(self.cfg.num_interactions):
+            s = MomentInteraction(features)(s, rbf, envelope, units, senders, receivers)
+        return _Constants()(species, _Readout(features)(s))
 
 
 MODELS = {"invariant": InvariantMLFF, "painn": PaiNN, "moment": MomentMLFF}
