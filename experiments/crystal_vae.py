@@ -127,14 +127,14 @@ def main():
 
     z = prior_latents(cfg["n_prior"], cfg["vae"].latent_dim, args.seed)
     decoded = vae.decode(z)
-    prior = realise(decoded, z, templates)
-    metrics.update(generation_metrics(compositions(decoded.counts), prior.structures, train.structure, formulas))
+    prior, prior_compositions = realise(decoded, z, templates), compositions(decoded.counts)
+    metrics.update(generation_metrics(prior_compositions, prior.structures, train.structure, formulas))
     metrics["prior_skipped"] = dict(Counter(why.split(" to ")[0].split(" (")[0] for _, _, why in prior.skipped))
     # The same latents decoded under the charge-balance constraint (the designs below use it).
     balanced, known = compositions(vae.decode(z, charge_balanced=True).counts), set(formulas)
     metrics["composition_validity_charge_constrained"] = float(np.mean([composition_valid(c) for c in balanced]))
-    metrics["charge_constrained_changed"] = float(np.mean([a != b for a, b in zip(balanced, compositions(decoded.counts))]))
-    for key, comps in (("new_formula_share", compositions(decoded.counts)), ("new_formula_share_charge_constrained", balanced)):
+    metrics["charge_constrained_changed"] = float(np.mean([a != b for a, b in zip(balanced, prior_compositions)]))
+    for key, comps in (("new_formula_share", prior_compositions), ("new_formula_share_charge_constrained", balanced)):
         metrics[key] = float(np.mean([c.reduced_formula not in known for c in comps]))
     # The same checks on samples of the aggregate posterior, the latents the decoder was trained on.
     z_post = aggregate_posterior_latents(train_mu, train_logvar, cfg["n_prior"], args.seed)

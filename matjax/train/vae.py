@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from matjax.config import TrainConfig, VAEConfig
 from matjax.data.batching import budget_for, iterate_batches
 from matjax.data.dataset import Dataset
+from matjax.data.elements import symbols
 from matjax.data.graphs import PackedGraphs, concat
 from matjax.discovery.validity import composition_valid
 from matjax.models.vae import (N_ELEMENTS, CrystalVAE, LatticeScaler, create_vae, decode_composition, kl_weight, lattice_parameters,
@@ -127,10 +128,12 @@ def balance_last_slot(elements: np.ndarray, slot_counts: np.ndarray, logits: np.
     (``composition_valid``) takes the highest-scoring last element that makes it valid;
     where none does it is kept as decoded, and reported invalid downstream.
     """
-    from pymatgen.core import Composition, Element
+    from pymatgen.core import Composition
+
+    table = symbols()
 
     def valid(row, counts):
-        return composition_valid(Composition({Element.from_Z(int(z)).symbol: int(n) for z, n in zip(row, counts) if n > 0}))
+        return composition_valid(Composition({table[z]: int(n) for z, n in zip(row, counts) if n > 0}))
 
     out = np.array(elements)
     for i, (row, counts) in enumerate(zip(out, slot_counts)):
