@@ -150,9 +150,9 @@ def loss_fn(params, constants, model, batch, cfg: MLFFTrainConfig):
 
 
 def create_optimizer(cfg: MLFFTrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
-    """Adam, warm-up then cosine decay, global-norm clipping."""
+    """Adam (AdamW with decoupled weight decay when set), warm-up then cosine decay, global-norm clipping."""
     schedule = warmup_cosine(cfg.learning_rate, cfg.warmup_epochs * steps_per_epoch, cfg.epochs * steps_per_epoch, cfg.final_lr_fraction)
-    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), optax.adam(schedule))
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), optax.adamw(schedule, weight_decay=cfg.weight_decay))
 
 
 def init_state(model: nn.Module, optimizer, key, constants: dict, example: dict) -> TrainState:
