@@ -31,6 +31,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from matjax.config import MLFFConfig
 from matjax.geometry.periodic import edge_vectors, node_graph_index
@@ -201,6 +202,12 @@ class PaiNN(nn.Module):
         return _Constants()(species, _Readout(cfg.features)(s))
 
 
+# Entries xx, yy, zz, xy, xz, yz of a symmetric 3 x 3 matrix, and where each (i, j) finds its entry.
+_SYM_ROWS, _SYM_COLS = (0, 1, 2, 0, 0, 1), (0, 1, 2, 1, 2, 2)
+_SYM_IDENTITY = np.array([1.0, 1.0, 1.0, 0.0, 0.0, 0.0])
+_SYM_INDEX = ((0, 3, 4), (3, 1, 5), (4, 5, 2))
+
+
 class MomentInteraction(nn.Module):
     """Scalar update from Cartesian moments of the neighbourhood up to rank 2 (MTP / ACE style).
 
@@ -220,10 +227,12 @@ class MomentInteraction(nn.Module):
         F, n = self.features, s.shape[0]
         radial = nn.Dense(3 * F)(rbf) * envelope[:, None]
         w0, w1, w2 = jnp.split(nn.Dense(3 * F)(s)[senders] * radial, 3, axis=-1)  # [E, F] each
-        traceless = units[:, :, None] * units[:, None, :] - jnp.eye(3) / 3.0  # [E, 3, 3]
+        # Only the 6 distinct entries of the symmetric rank-2 moment go through the edge sum
+        # (a third less edge work); the full [3, 3] matrix is rebuilt per atom.
+        traceless = units[:, _SYM_ROWS] * units[:, _SYM_COLS] - _SYM_IDENTITY / 3.0  # [E, 6]
         a0 = jax.ops.segment_sum(w0, receivers, n)
         a1 = jax.ops.segment_sum(units[:, :, None] * w1[:, None, :], receivers, n)  # [N, 3, F]
-        a2 = jax.ops.segment_sum(traceless[..., None] * w2[:, None, None, :], receivers, n)  # [N, 3, 3, F]
+        a2 = jax.ops.segment_sum(traceless[:, :, None] * w2[:, None, :], receivers, n)[:, jnp.asarray(_SYM_INDEX)]  # [N, 3, 3, F]
         p, q = jnp.split(nn.Dense(2 * F, use_bias=False, name="mix1")(a1), 2, axis=-1)
         x, y, z = jnp.split(nn.Dense(3 * F, use_bias=False, name="mix2")(a2), 3, axis=-1)
         invariants = [
@@ -261,7 +270,7 @@ MODELS = {"invariant": InvariantMLFF, "painn": PaiNN, "moment": MomentMLFF}
 
 
 def create_model(cfg: MLFFConfig) -> nn.Module:
-    """The force-field module named by ``cfg.model`` ("invariant" or "painn")."""
+    """The force-field module named by ``cfg.model`` (a key of ``MODELS``)."""
     if cfg.model not in MODELS:
         raise ValueError(f"unknown force-field model {cfg.model!r}; choose one of {sorted(MODELS)}")
     return MODELS[cfg.model](cfg)
