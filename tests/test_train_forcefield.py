@@ -133,3 +133,13 @@ def test_time_budget_stops_after_one_epoch_with_a_checkpoint(splits, tmp_path):
     _, best, history = tf.train(MODEL, dataclasses.replace(TRAIN, time_budget_s=0.0), splits, tmp_path / "run")
     assert [h["epoch"] for h in history] == [1] and int(best.epoch) == 1
     assert int(tf.load_force_field(tmp_path / "run", "latest")[2].num_interactions) == MODEL.num_interactions
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_weight_decay_shrinks_parameters_only_when_set(weight_decay):
+    """With zero gradients Adam leaves parameters alone; AdamW's decoupled decay shrinks them by lr * wd."""
+    cfg = dataclasses.replace(TRAIN, weight_decay=weight_decay, warmup_epochs=0)
+    tx = tf.create_optimizer(cfg, steps_per_epoch=10)
+    params = {"w": jax.numpy.ones(3)}
+    updates, _ = tx.update(jax.tree_util.tree_map(jax.numpy.zeros_like, params), tx.init(params), params)
+    np.testing.assert_allclose(updates["w"], -cfg.learning_rate * weight_decay * np.ones(3), rtol=1e-5)
