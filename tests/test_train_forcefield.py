@@ -4,6 +4,7 @@ import dataclasses
 
 import jax
 import numpy as np
+import optax
 import pytest
 from ase.build import bulk, molecule
 
@@ -143,3 +144,12 @@ def test_weight_decay_shrinks_parameters_only_when_set(weight_decay):
     params = {"w": jax.numpy.ones(3)}
     updates, _ = tx.update(jax.tree_util.tree_map(jax.numpy.zeros_like, params), tx.init(params), params)
     np.testing.assert_allclose(updates["w"], -cfg.learning_rate * weight_decay * np.ones(3), rtol=1e-5)
+
+
+def test_runs_without_weight_decay_keep_the_optimizer_state_of_earlier_versions():
+    """Checkpoints hold the optimizer state: without decay it must stay plain Adam's, or runs
+    trained before weight decay existed no longer load."""
+    legacy = optax.chain(optax.clip_by_global_norm(TRAIN.grad_clip), optax.adam(optax.constant_schedule(1e-3)))
+    params = {"w": jax.numpy.ones(2)}
+    assert (jax.tree_util.tree_structure(tf.create_optimizer(TRAIN, 1).init(params))
+            == jax.tree_util.tree_structure(legacy.init(params)))

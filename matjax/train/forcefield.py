@@ -152,7 +152,9 @@ def loss_fn(params, constants, model, batch, cfg: MLFFTrainConfig):
 def create_optimizer(cfg: MLFFTrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
     """Adam (AdamW with decoupled weight decay when set), warm-up then cosine decay, global-norm clipping."""
     schedule = warmup_cosine(cfg.learning_rate, cfg.warmup_epochs * steps_per_epoch, cfg.epochs * steps_per_epoch, cfg.final_lr_fraction)
-    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), optax.adamw(schedule, weight_decay=cfg.weight_decay))
+    # Plain Adam without decay keeps the optimizer state, and so the checkpoints, of earlier runs loadable.
+    adam = optax.adamw(schedule, weight_decay=cfg.weight_decay) if cfg.weight_decay else optax.adam(schedule)
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adam)
 
 
 def init_state(model: nn.Module, optimizer, key, constants: dict, example: dict) -> TrainState:
