@@ -81,10 +81,10 @@ class MLFFTrainConfig:
     Loss per batch = energy_weight * mean((dE / n_atoms)^2) + force_weight * mean(|dF|^2) / 3
     + stress_weight * mean(|d sigma|^2) / 9 (eV, Angstrom; stress only where labelled).
     Adam (AdamW, decoupled weight_decay, when that is > 0) with a linear warm-up then cosine
-    decay to final_lr_fraction * learning_rate; gradients clipped to grad_clip (global norm); evaluation uses an exponential moving
-    average of the parameters (ema_decay). Checkpoints every ``eval_every`` epochs;
-    time_budget_s: stop after the first epoch that ends past this much training time
-    (None: no limit).
+    decay to final_lr_fraction * learning_rate; gradients clipped to grad_clip (global norm);
+    evaluation uses an exponential moving average of the parameters (ema_decay). Checkpoints
+    every ``eval_every`` epochs; time_budget_s: stop after the first epoch that ends past this
+    much training time (None: no limit).
     """
 
     dataset: str = "emt"
