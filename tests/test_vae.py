@@ -15,7 +15,7 @@ from crystal_fixtures import toy_crystals
 from matjax.config import CGCNNConfig, GraphConfig, LatentDesignConfig, TrainConfig, VAEConfig
 from matjax.data.batching import Budget, budget_for, graphs_tuple
 from matjax.data.graphs import build_graph, pack
-from matjax.models.vae import (N_ELEMENTS, LatticeScaler, VAEOutput, composition_fractions, create_vae, decode_composition,
+from matjax.models.vae import (MASKED_LOGIT, N_ELEMENTS, LatticeScaler, VAEOutput, composition_fractions, create_vae, decode_composition,
                                element_slots, kl_divergence, kl_weight, lattice_parameters, reparameterize, stoichiometries,
                                stoichiometry_index, vae_loss)
 from matjax.train.checkpoint import Checkpointer
@@ -207,9 +207,9 @@ def test_decoders_give_valid_distributions_and_crystals(trained):
 def test_charge_balanced_decoding_re_decodes_only_the_last_element():
     """The last slot prefers O for NaO (Na+ O2-: unbalanced); the best-scored balancing element is Cl."""
     Na, O, F, Cl = 11, 8, 9, 17
-    logits = np.full((4, 2, N_ELEMENTS), -1e9)  # -1e9: masked (padding, or the element of slot 0)
+    logits = np.full((4, 2, N_ELEMENTS), MASKED_LOGIT)  # padding, or the element of slot 0
     logits[:, 1, [O, Cl, F]] = [5.0, 4.0, 3.0]
-    logits[3, 1, [Cl, F]] = -1e9  # only the unbalanced choice is allowed: kept, reported invalid downstream
+    logits[3, 1, [Cl, F]] = MASKED_LOGIT  # only the unbalanced choice is allowed: kept, reported invalid downstream
     elements = np.array([[Na, O], [Na, F], [Na, O], [Na, O]])
     counts = np.array([[1, 1], [1, 1], [2, 1], [1, 1]])  # NaO, NaF (valid), Na2O (valid), NaO
     balanced = balance_last_slot(elements, counts, logits)

@@ -57,6 +57,7 @@ from matjax.data.elements import element_descriptors
 from matjax.models.cgcnn import create_model, masked_mean_pool, softplus
 
 N_ELEMENTS = len(element_descriptors())  # composition slots indexed by Z; slot 0 (padding) is never decoded
+MASKED_LOGIT = -1e9  # decoder score of an element a slot may not take (padding, or already placed)
 LOGVAR_RANGE = (-12.0, 6.0)  # keeps exp(logvar) finite early in training; sigma in [2.5e-3, 20]
 
 
@@ -217,7 +218,7 @@ class LatentDecoder(nn.Module):
 
         def score(context, taken):  # context [..., F], taken [..., N_ELEMENTS] elements of earlier slots
             logits = readout(softplus(context + taken @ embedding))
-            return jnp.where(taken > 0, -1e9, logits).at[..., 0].set(-1e9)  # no repeats; Z = 0 is padding
+            return jnp.where(taken > 0, MASKED_LOGIT, logits).at[..., 0].set(MASKED_LOGIT)  # no repeats; Z = 0 is padding
 
         if elements is not None:
             placed = jax.nn.one_hot(elements, N_ELEMENTS) * (elements > 0)[..., None]

@@ -37,7 +37,7 @@ from matjax.data.dataset import Dataset
 from matjax.data.elements import symbols
 from matjax.data.graphs import PackedGraphs, concat
 from matjax.discovery.validity import composition_valid
-from matjax.models.vae import (N_ELEMENTS, CrystalVAE, LatticeScaler, create_vae, decode_composition, kl_weight, lattice_parameters,
+from matjax.models.vae import (MASKED_LOGIT, N_ELEMENTS, CrystalVAE, LatticeScaler, create_vae, decode_composition, kl_weight, lattice_parameters,
                                stoichiometries, vae_loss)
 from matjax.train.checkpoint import Checkpointer, abstract_like, config_from_dict, config_to_dict, restore_best
 from matjax.train.loop import (NonFiniteLossError, TrainState, _stop_reason, check_split, create_optimizer, create_plateau,
@@ -140,7 +140,7 @@ def balance_last_slot(elements: np.ndarray, slot_counts: np.ndarray, logits: np.
         if valid(row, counts):
             continue
         last = np.flatnonzero(counts > 0)[-1]
-        allowed = np.flatnonzero(logits[i, last] > -1e8)  # not padding, not an earlier slot's element
+        allowed = np.flatnonzero(logits[i, last] > MASKED_LOGIT)  # not padding, not an earlier slot's element
         for z in allowed[np.argsort(-logits[i, last, allowed])]:
             row[last] = z
             if valid(row, counts):
