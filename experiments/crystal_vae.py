@@ -8,7 +8,7 @@ The band-gap oracle is a CGCNN ensemble trained with ``matjax.train.loop.fit`` o
 split (or --oracle: the ckpt/ folder of an ``experiments/train_cgcnn.py`` run). Writes to --out:
 metrics.json, latent.png, design.png, candidates.csv (with the reason for every skipped design and
 the self-check: the VAE head on the re-encoded candidate, kept if within tolerance), cifs/,
-ckpt/ (VAE) and oracle/ (CGCNN);
+ckpt/ (VAE), ckpt_refined/ (the VAE after ``refine_decoder``, the one evaluated) and oracle/ (CGCNN);
 a killed run started again with the same arguments resumes.
 """
 
@@ -27,7 +27,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from matjax.config import CGCNNConfig, GraphConfig, LatentDesignConfig, TrainConfig, VAEConfig
+from matjax.config import CGCNNConfig, DecoderRefineConfig, GraphConfig, LatentDesignConfig, TrainConfig, VAEConfig
 from matjax.data.batching import budget_for
 from matjax.data.graphs import take
 from matjax.data.sources import load_csv, mp20_lite, shared_data_dir
@@ -37,7 +37,7 @@ from matjax.discovery.latent_design import (Templates, aggregate_posterior_laten
 from matjax.discovery.validity import composition_valid, generation_metrics, structure_problem, unique_mask
 from matjax.train.ensemble import load_predictor
 from matjax.train.loop import fit
-from matjax.train.vae import fit_vae, reconstruction_metrics
+from matjax.train.vae import fit_vae, reconstruction_metrics, refine_decoder
 
 GRAPH = GraphConfig(cutoff=8.0, max_neighbors=12, num_rbf=41)
 ORACLE = CGCNNConfig(GRAPH)  # Xie's reference CGCNN
@@ -47,15 +47,17 @@ MODEL = VAEConfig(CGCNNConfig(GRAPH, atom_features=64, n_conv=3, hidden_features
 TRAIN = TrainConfig(batch_size=128, learning_rate=1e-3, max_epochs=80, early_stopping=25, plateau_patience=8, warmup_epochs=1,
                     cosine_decay=True)
 CONFIGS = {
-    "default": dict(data="mp20lite", gap="band_gap", vae=MODEL, train=TRAIN, n_prior=1000, design=LatentDesignConfig(n_starts=512),
+    "default": dict(data="mp20lite", gap="band_gap", vae=MODEL, train=TRAIN, refine=DecoderRefineConfig(), n_prior=1000,
+                    design=LatentDesignConfig(n_starts=512),
                     oracle_train=TrainConfig(batch_size=256, max_epochs=120, ensemble_size=3)),
     "perov5": dict(data="perov5", gap="ind_gap", vae=dataclasses.replace(MODEL, max_atoms=5, targets=("ind_gap", "heat_ref")),
-                   train=TRAIN, n_prior=1000, design=LatentDesignConfig(property="ind_gap", n_starts=512),
+                   train=TRAIN, refine=DecoderRefineConfig(), n_prior=1000, design=LatentDesignConfig(property="ind_gap", n_starts=512),
                    oracle_train=TrainConfig(batch_size=256, max_epochs=150, ensemble_size=3)),
     "test": dict(data="pilot", gap="band_gap", n_prior=48, design=LatentDesignConfig(n_starts=16, steps=30),
                  vae=VAEConfig(CGCNNConfig(GraphConfig(8.0, 12, 16), atom_features=16, n_conv=1, hidden_features=32), latent_dim=8,
                                decoder_features=64, decoder_layers=1, property_features=32, kl_warmup_epochs=1),
                  train=TrainConfig(batch_size=64, learning_rate=3e-3, max_epochs=4),
+                 refine=DecoderRefineConfig(rounds=2, n_prior=256, steps=10, batch_size=32),
                  oracle=CGCNNConfig(GraphConfig(8.0, 12, 16), atom_features=16, n_conv=1, hidden_features=32),
                  oracle_train=TrainConfig(batch_size=128, max_epochs=2, ensemble_size=3)),
 }
@@ -110,10 +112,15 @@ def main():
     train, test = splits["train"], splits["test"]
     limits = {k: v for k, v in (("max_epochs", args.epochs), ("time_budget_s", args.time_budget)) if v is not None}
     fitted = fit_vae(cfg["vae"], dataclasses.replace(cfg["train"], seed=args.seed, **limits), train, splits["val"], workdir=args.out / "ckpt")
-    vae = fitted.trained
+    z = prior_latents(cfg["n_prior"], cfg["vae"].latent_dim, args.seed)
+    unrefined = {"composition_accuracy": reconstruction_metrics(fitted.trained, test, train)["composition_accuracy"],
+                 "composition_validity": float(np.mean([composition_valid(c) for c in compositions(fitted.trained.decode(z).counts)]))}
+    refine_start = time.perf_counter()
+    vae, refine_history = refine_decoder(fitted.trained, train, dataclasses.replace(cfg["refine"], seed=args.seed), workdir=args.out / "ckpt_refined")
     metrics = {"dataset": cfg["data"], "config": args.config, "seed": args.seed, "n": {k: len(v) for k, v in splits.items()},
                "vae_epochs": len(fitted.history), "vae_best_epoch": fitted.best_epoch,
-               "vae_stop_reason": fitted.stop_reason, "vae_train_s": round(fitted.train_s, 1), **reconstruction_metrics(vae, test, train)}
+               "vae_stop_reason": fitted.stop_reason, "vae_train_s": round(fitted.train_s, 1), "refine_s": round(time.perf_counter() - refine_start, 1),
+               "refine_rounds": refine_history, **{f"unrefined_{k}": v for k, v in unrefined.items()}, **reconstruction_metrics(vae, test, train)}
     train_mu, train_logvar = vae.encode(train.graphs)
     templates = Templates.build(train, train_mu)
     formulas = [c.reduced_formula for c in compositions(templates.counts)]
@@ -125,7 +132,6 @@ def main():
     oracle_test = predictor.predict(test.graphs, **budget)[0][:, 0]
     metrics["oracle_test_mae"] = float(np.abs(oracle_test - test.target(gap)).mean())
 
-    z = prior_latents(cfg["n_prior"], cfg["vae"].latent_dim, args.seed)
     decoded = vae.decode(z)
     prior, prior_compositions = realise(decoded, z, templates), compositions(decoded.counts)
     metrics.update(generation_metrics(prior_compositions, prior.structures, train.structure, formulas))

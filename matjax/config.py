@@ -300,3 +300,23 @@ class LatentDesignConfig:
     prior_weight: float = 0.1
     tolerance: float = 0.3
     seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderRefineConfig:
+    """Self-training of a trained VAE's decoder toward valid compositions (``matjax.train.vae.refine_decoder``).
+
+    rounds: pseudo-labelling rounds; n_prior: latents drawn from N(0, I) and decoded under the
+    charge-balance constraint per round; steps: Adam steps per round on batches of batch_size
+    training latents (reconstruction) plus batch_size pseudo-labelled ones, the latter's
+    cross-entropy weighted by pseudo_weight; learning_rate; seed (the draws are numpy's
+    ``default_rng([seed, round])``, apart from the JAX-keyed latents the experiment evaluates).
+    """
+
+    rounds: int = 16
+    n_prior: int = 8192
+    steps: int = 200
+    batch_size: int = 256
+    learning_rate: float = 3e-4
+    pseudo_weight: float = 1.0
+    seed: int = 0

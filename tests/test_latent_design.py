@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import jax.numpy as jnp
@@ -14,7 +15,7 @@ from matjax.data.dataset import Dataset
 from matjax.data.sources import shared_data_dir
 from matjax.discovery.latent_design import (Templates, aggregate_posterior_latents, assign_species, hit_rate, lattice_problem,
                                             optimise_latents, realise)
-from matjax.discovery.validity import charge_balanced, composition_valid, novel_mask, structure_problem, unique_mask
+from matjax.discovery.validity import charge_balanced, composition_valid, novel_mask, smact_style_valid, structure_problem, unique_mask
 from matjax.models.vae import N_ELEMENTS
 from matjax.train.vae import DecodedCrystals
 from test_experiments import run_experiment
@@ -113,6 +114,35 @@ def test_charge_balance_agrees_with_pymatgen_oxi_state_guesses():
     assert charge_balanced({"Fe": 3, "O": 4})  # mixed valence, Fe2+ Fe3+_2 O4
     many = {"Li": 3, "Fe": 2, "Mn": 1, "Co": 1, "Ni": 1, "O": 5, "S": 2, "F": 2, "Ba": 1, "Ti": 2, "Sr": 1, "N": 1}
     assert charge_balanced(many)  # twelve elements: pymatgen's enumeration would take minutes
+
+
+def _smact_by_enumeration(amounts: dict[str, int]) -> bool:
+    """CDVAE's loop: every product of one state per element; neutral, and no cation at least as electronegative as an anion."""
+    from pymatgen.core import Element
+
+    elements = [Element(el) for el in amounts]
+    if len(elements) == 1 or all(e.is_metal for e in elements):
+        return True
+    for states in itertools.product(*(e.oxidation_states for e in elements)):
+        if sum(s * n for s, n in zip(states, amounts.values())) == 0 and not any(
+            s1 * s2 < 0 and (e1.X >= e2.X if s1 > 0 else e1.X <= e2.X)
+            for (s1, e1), (s2, e2) in itertools.combinations(zip(states, elements), 2)
+        ):
+            return True
+    return False
+
+
+def test_smact_style_check_is_cdvaes_enumeration():
+    rng = np.random.default_rng(1)
+    symbols = ["Li", "Na", "Ba", "Fe", "Mn", "Cu", "Ti", "Al", "Sn", "Bi", "O", "S", "N", "P", "F", "Cl", "C", "Si", "H", "Se", "Te", "I"]
+    for _ in range(200):
+        amounts = {str(e): int(n) for e, n in zip(rng.choice(symbols, rng.integers(2, 4), replace=False), rng.integers(1, 5, 3))}
+        reduced = Composition(amounts).reduced_composition.get_el_amt_dict()
+        assert smact_style_valid(Composition(amounts)) == _smact_by_enumeration({k: int(v) for k, v in reduced.items()}), amounts
+    assert not smact_style_valid(Composition("Fe3O4")) and composition_valid(Composition("Fe3O4"))  # mixed valence only
+    assert smact_style_valid(Composition("NaO")) and not composition_valid(Composition("NaO"))  # O- is in the full list
+    assert not smact_style_valid(Composition("H2Cl"))  # neutral only as 2 H- + Cl2+, the anion less electronegative
+    assert smact_style_valid(Composition("Fe3Ni")) and smact_style_valid(Composition("Si"))
 
 
 def test_validity_checks():

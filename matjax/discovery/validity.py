@@ -6,6 +6,9 @@
   valid, as in the SMACT check of CDVAE's evaluation; pymatgen's common states are
   stricter than SMACT's full list, so measure the training data with the same function
   to calibrate (``composition_validity`` of real crystals is below 1).
+- the same check as CDVAE's evaluation (SMACT's test, ``smact_style_valid``) for comparison
+  with published figures: one oxidation state per element from the full list, neutral,
+  cations less electronegative than anions.
 - structure validity: every interatomic distance, periodic images included, > 0.5 A,
   and a volume per atom in [5, 250] A^3 (diamond has 5.7 A^3; the loosest MP-20 crystals
   ~200 A^3: outside that range it is not a solid).
@@ -70,6 +73,38 @@ def _element(symbol: str):
 def _oxidation_states(symbol: str) -> tuple[int, ...]:
     element = _element(symbol)
     return tuple(element.icsd_oxidation_states or element.common_oxidation_states)
+
+
+def smact_style_valid(composition) -> bool:
+    """The composition check of CDVAE's and DiffCSP's evaluation (SMACT's ``smact_validity``), on pymatgen's data.
+
+    An element or an all-metal composition is valid; otherwise one oxidation state per element,
+    from the full list (pymatgen's ``Element.oxidation_states``, SMACT's list up to a few rare
+    states), must make the reduced formula neutral with every cation less electronegative
+    (Pauling ``Element.X``) than every anion. Looser than ``composition_valid`` where rare
+    states balance (NaO with O-), stricter where only mixed valence does (Fe3O4).
+    """
+    return _reduced_smact_style_valid(composition.reduced_formula)
+
+
+@functools.lru_cache(maxsize=65536)
+def _reduced_smact_style_valid(reduced_formula: str) -> bool:
+    from pymatgen.core import Composition
+
+    amounts = {el: int(n) for el, n in Composition(reduced_formula).get_el_amt_dict().items()}
+    if len(amounts) == 1 or all(_element(el).is_metal for el in amounts):
+        return True
+    eneg = {el: _element(el).X for el in amounts}  # NaN where unknown: such an element may take either sign
+    # The Pauling test holds iff the cations are the elements below some electronegativity cut.
+    for cut in sorted({x for x in eneg.values() if not np.isnan(x)} | {np.inf}):
+        reachable = {0}
+        for el, n in amounts.items():
+            sign = 0 if np.isnan(eneg[el]) else (1 if eneg[el] < cut else -1)
+            sums = {n * ox for ox in _element(el).oxidation_states if ox * sign >= 0}
+            reachable = {r + s for r in reachable for s in sums}
+        if 0 in reachable:
+            return True
+    return False
 
 
 def structure_problem(structure, min_distance: float = MIN_DISTANCE, volume_per_atom=VOLUME_PER_ATOM) -> str | None:
@@ -139,6 +174,7 @@ def generation_metrics(compositions: Sequence, structures: Sequence, reference: 
     novel = novel_mask(realised, reference, reference_formulas) if realised else np.zeros(0, dtype=bool)
     return {
         "composition_validity": float(np.mean([composition_valid(c) for c in compositions])),
+        "composition_validity_smact": float(np.mean([smact_style_valid(c) for c in compositions])),
         "structure_validity": float(np.mean([p is None for p in problems])),
         "uniqueness": float(unique.mean()) if realised else 0.0,
         "novelty": float(novel.mean()) if realised else 0.0,

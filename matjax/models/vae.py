@@ -153,10 +153,23 @@ def stoichiometry_index(counts: jnp.ndarray, table: jnp.ndarray) -> jnp.ndarray:
 def element_slots(graph: jraph.GraphsTuple, config: VAEConfig) -> tuple[jnp.ndarray, jnp.ndarray]:
     """(stoichiometry class [G], elements [G, max_species]) of each graph: its elements by count,
     largest first, ties by Z; 0 in the slots beyond its number of elements (padding graphs: class 0)."""
-    counts = jnp.round(composition_fractions(graph) * graph.n_node[:, None]).astype(jnp.int32)
+    return count_slots(jnp.round(composition_fractions(graph) * graph.n_node[:, None]).astype(jnp.int32), config)
+
+
+def count_slots(counts: jnp.ndarray, config: VAEConfig) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(stoichiometry class [G], elements [G, max_species]) of atom counts [G, N_ELEMENTS] (``element_slots``)."""
     table = jnp.asarray(stoichiometries(config.max_atoms, config.max_species))
     values, order = jax.lax.top_k(counts * N_ELEMENTS - jnp.arange(N_ELEMENTS), table.shape[1])
     return stoichiometry_index(counts, table), jnp.where(values > 0, order, 0)
+
+
+def composition_nll(element_logits: jnp.ndarray, stoichiometry_logits: jnp.ndarray, label: jnp.ndarray,
+                    elements: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(composition [G], stoichiometry [G]) cross-entropies in nats of the true stoichiometry class
+    label [G] and elements [G, S] (``element_slots``; the composition's summed over filled slots)."""
+    log_p = jnp.take_along_axis(jax.nn.log_softmax(element_logits), elements[..., None], -1)[..., 0]
+    composition = -jnp.sum(jnp.where(elements > 0, log_p, 0.0), -1)
+    return composition, -jnp.take_along_axis(jax.nn.log_softmax(stoichiometry_logits), label[:, None], -1)[:, 0]
 
 
 def decode_composition(elements: jnp.ndarray, stoichiometry: jnp.ndarray) -> jnp.ndarray:
@@ -297,10 +310,7 @@ def vae_loss(
     standardised units), kl (nats).
     """
     mask = jraph.get_graph_padding_mask(graph)
-    label, elements = element_slots(graph, config)
-    log_p = jnp.take_along_axis(jax.nn.log_softmax(out.element_logits), elements[..., None], -1)[..., 0]
-    composition = -jnp.sum(jnp.where(elements > 0, log_p, 0.0), -1)
-    stoichiometry = -jnp.take_along_axis(jax.nn.log_softmax(out.stoichiometry_logits), label[:, None], -1)[:, 0]
+    composition, stoichiometry = composition_nll(out.element_logits, out.stoichiometry_logits, *element_slots(graph, config))
     # Padding graphs have a zero lattice: give them the unit cube, or their NaN targets would
     # poison the gradient through the masked sum (0 * NaN).
     cell = jnp.where(mask[:, None, None], graph.globals["lattice"], jnp.eye(3))

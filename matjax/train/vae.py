@@ -12,6 +12,9 @@ Randomness is explicit: the reparameterisation key of training step s is
 batches follow the permutation drawn from (seed, epoch). A run is a function of its
 seed, and a resumed run repeats the uninterrupted one.
 
+``refine_decoder`` then self-trains the decoder on charge-balanced decodes of prior latents, so
+that N(0, I) samples decode to valid compositions as often as the training latents do.
+
 ``TrainedVAE`` wraps the best variables with the scalers for encoding crystals, decoding
 latents to (composition, n_atoms, lattice) and predicting properties in physical units.
 """
@@ -29,16 +32,17 @@ import jax
 import jax.numpy as jnp
 import jraph
 import numpy as np
+import optax
 from tqdm.auto import tqdm
 
-from matjax.config import TrainConfig, VAEConfig
+from matjax.config import DecoderRefineConfig, TrainConfig, VAEConfig
 from matjax.data.batching import budget_for, iterate_batches
 from matjax.data.dataset import Dataset
 from matjax.data.elements import symbols
 from matjax.data.graphs import PackedGraphs, concat
 from matjax.discovery.validity import composition_valid
-from matjax.models.vae import (MASKED_LOGIT, N_ELEMENTS, CrystalVAE, LatticeScaler, create_vae, decode_composition, kl_weight, lattice_parameters,
-                               stoichiometries, vae_loss)
+from matjax.models.vae import (MASKED_LOGIT, N_ELEMENTS, CrystalVAE, LatticeScaler, composition_nll, count_slots, create_vae, decode_composition,
+                               kl_weight, lattice_parameters, stoichiometries, vae_loss)
 from matjax.train.checkpoint import Checkpointer, abstract_like, config_from_dict, config_to_dict, restore_best
 from matjax.train.loop import (NonFiniteLossError, TrainState, _stop_reason, check_split, create_optimizer, create_plateau,
                                guarded_update)
@@ -89,7 +93,7 @@ class TrainedVAE:
         charge_balanced: decode the last element of each composition under the constraint that
         the composition is valid (``balance_last_slot``), as molecular decoders mask valences.
         """
-        n_atoms, slot_counts, elements, logits, lattice = map(np.asarray, _decode(self.model, self.variables, self.lattice_scaler, jnp.asarray(z)))
+        _, n_atoms, slot_counts, elements, logits, lattice = map(np.asarray, _decode(self.model, self.variables, self.lattice_scaler, jnp.asarray(z)))
         if charge_balanced:
             elements = balance_last_slot(elements, slot_counts, logits)
         return DecodedCrystals(n_atoms, np.asarray(decode_composition(elements, slot_counts)), lattice)
@@ -111,12 +115,12 @@ def _properties(model, variables, z):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _decode(model, variables, lattice_scaler, z):
-    """(n_atoms [S], slot counts [S, K], elements [S, K], element logits [S, K, N_ELEMENTS], lattice [S, 6])."""
+    """(stoichiometry class [S], n_atoms [S], slot counts [S, K], elements [S, K], element logits [S, K, N_ELEMENTS], lattice [S, 6])."""
     logits, elements, stoichiometry_logits, lattice = model.apply(variables, z, method=model.decode)
     table = jnp.asarray(stoichiometries(model.config.max_atoms, model.config.max_species))
-    stoichiometry = table[jnp.argmax(stoichiometry_logits, -1)]
-    n_atoms = jnp.sum(stoichiometry, -1)
-    return n_atoms, stoichiometry, elements, logits, lattice_scaler.inverse(lattice, n_atoms)
+    label = jnp.argmax(stoichiometry_logits, -1)
+    n_atoms = jnp.sum(table[label], -1)
+    return label, n_atoms, table[label], elements, logits, lattice_scaler.inverse(lattice, n_atoms)
 
 
 def balance_last_slot(elements: np.ndarray, slot_counts: np.ndarray, logits: np.ndarray) -> np.ndarray:
@@ -128,26 +132,112 @@ def balance_last_slot(elements: np.ndarray, slot_counts: np.ndarray, logits: np.
     (``composition_valid``) takes the highest-scoring last element that makes it valid;
     where none does it is kept as decoded, and reported invalid downstream.
     """
-    from pymatgen.core import Composition
-
-    table = symbols()
-
-    def valid(row, counts):
-        return composition_valid(Composition({table[z]: int(n) for z, n in zip(row, counts) if n > 0}))
-
     out = np.array(elements)
     for i, (row, counts) in enumerate(zip(out, slot_counts)):
-        if valid(row, counts):
+        if slots_valid(row, counts):
             continue
         last = np.flatnonzero(counts > 0)[-1]
         allowed = np.flatnonzero(logits[i, last] > MASKED_LOGIT)  # not padding, not an earlier slot's element
         for z in allowed[np.argsort(-logits[i, last, allowed])]:
             row[last] = z
-            if valid(row, counts):
+            if slots_valid(row, counts):
                 break
         else:
             row[last] = elements[i, last]
     return out
+
+
+def slots_valid(elements: np.ndarray, counts: np.ndarray) -> bool:
+    """``composition_valid`` of one decoded composition: elements [K] (Z, 0 = empty) with counts [K]."""
+    from pymatgen.core import Composition
+
+    table = symbols()
+    return composition_valid(Composition({table[z]: int(n) for z, n in zip(elements, counts) if n > 0}))
+
+
+def refine_decoder(trained: TrainedVAE, train: Dataset, config: DecoderRefineConfig, workdir: str | Path | None = None,
+                   progress: bool = True) -> tuple[TrainedVAE, list[dict]]:
+    """The VAE with its decoder self-trained toward valid compositions between the training posteriors.
+
+    Decoded from N(0, I), a VAE proposes charge-balanced compositions less often than from the
+    latents it was trained on (the aggregate posterior): prior samples fall between the
+    posteriors, where nothing taught the decoder chemistry. Each round draws ``n_prior`` prior
+    latents, decodes them under the charge-balance constraint (``balance_last_slot``; those
+    nothing balances are dropped) and fits the decoder to these pseudo-labels (the elements'
+    cross-entropy given their stoichiometry) while it keeps reconstructing the training crystals
+    (z ~ q(z|x), teacher-forced, every decoder term). The constraint so moves into the decoder's
+    own greedy decoding: self-training with a validity filter, as validity rewards train
+    molecular generators. Only the decoder changes; encoder, property head and scalers are kept.
+
+    Returns (refined VAE, one record per round: share of the draws kept as pseudo-labels, share
+    the constraint changed, mean loss). workdir: where the refined variables are written as a
+    "best" checkpoint that ``load_vae`` reads (None: not written).
+    """
+    cfg, model, batch = trained.config, trained.model, config.batch_size
+    chunks = np.array_split(graph_counts(train.graphs), max(1, len(train) // 1024))
+    label, elements = (np.concatenate(a) for a in zip(*[map(np.asarray, count_slots(jnp.asarray(c), cfg)) for c in chunks]))
+    lattice = np.asarray(trained.lattice_scaler.transform(graph_lattice_parameters(train.graphs), train.graphs.n_node.astype(np.float64)), np.float32)
+    mu, logvar = trained.encode(train.graphs)
+    tx = optax.adam(config.learning_rate)
+
+    def with_decoder(decoder) -> TrainedVAE:
+        return dataclasses.replace(trained, variables={**trained.variables, "params": {**trained.variables["params"], "decoder": decoder}})
+
+    def nll(decoder, z, label, elements):
+        logits, _, stoichiometry_logits, lattice_out = model.apply(with_decoder(decoder).variables, z, label, elements, method=model.decode)
+        return (*composition_nll(logits, stoichiometry_logits, label, elements), lattice_out)
+
+    @jax.jit
+    def step(decoder, opt_state, real: dict, pseudo: dict):
+        def loss_fn(decoder):
+            composition, stoichiometry, lattice_out = nll(decoder, real["z"], real["label"], real["elements"])
+            reconstruction = (cfg.composition_weight * composition + cfg.stoichiometry_weight * stoichiometry
+                              + cfg.lattice_weight * jnp.mean(jnp.square(lattice_out - real["lattice"]), -1))
+            pseudo_composition = nll(decoder, pseudo["z"], pseudo["label"], pseudo["elements"])[0]
+            return jnp.mean(reconstruction) + config.pseudo_weight * cfg.composition_weight * jnp.mean(pseudo_composition)
+
+        loss, grads = jax.value_and_grad(loss_fn)(decoder)
+        updates, opt_state = tx.update(grads, opt_state, decoder)
+        return optax.apply_updates(decoder, updates), opt_state, loss
+
+    decoder = trained.variables["params"]["decoder"]
+    opt_state, history = tx.init(decoder), []
+    bar = tqdm(total=config.rounds * config.steps, desc="refining VAE decoder", disable=not progress, dynamic_ncols=True)
+    for r in range(config.rounds):
+        rng = np.random.default_rng([config.seed, r])
+        z = rng.standard_normal((config.n_prior, cfg.latent_dim)).astype(np.float32)
+        pseudo_label, _, slot_counts, decoded, logits, _ = map(np.asarray, _decode(model, with_decoder(decoder).variables, trained.lattice_scaler, jnp.asarray(z)))
+        balanced = balance_last_slot(decoded, slot_counts, logits)
+        keep = np.array([slots_valid(row, counts) for row, counts in zip(balanced, slot_counts)])
+        if not keep.any():
+            raise ValueError(f"refine_decoder round {r}: none of {config.n_prior} prior latents decodes to a valid composition, even constrained")
+        pseudo = {"z": z[keep], "label": pseudo_label[keep], "elements": balanced[keep]}
+        losses = []
+        for _ in range(config.steps):
+            i, j = rng.integers(0, len(mu), batch), rng.integers(0, int(keep.sum()), batch)
+            real = {"z": (mu[i] + np.exp(0.5 * logvar[i]) * rng.standard_normal((batch, cfg.latent_dim))).astype(np.float32),
+                    "label": label[i], "elements": elements[i], "lattice": lattice[i]}
+            decoder, opt_state, loss = step(decoder, opt_state, real, {k: v[j] for k, v in pseudo.items()})
+            losses.append(loss)
+            bar.update()
+        if not np.all(np.isfinite(losses)):
+            raise NonFiniteLossError(f"non-finite loss while refining the VAE decoder in round {r}")
+        history.append({"round": r, "kept": float(keep.mean()), "changed": float(np.any(balanced != decoded, 1).mean()), "loss": float(np.mean(losses))})
+        bar.set_postfix(kept=f"{keep.mean():.3f}", loss=f"{history[-1]['loss']:.3f}", refresh=True)
+    bar.close()
+    refined = with_decoder(jax.device_get(decoder))
+    if workdir is not None:
+        configs = {"model": config_to_dict(cfg), "refine": config_to_dict(config), "data": _scaler_record(refined)}
+        with Checkpointer(workdir, configs) as ckpt:
+            ckpt.save("best", config.rounds, refined.variables, {"rounds": history})
+            ckpt.wait()
+    return refined, history
+
+
+def _scaler_record(trained: TrainedVAE) -> dict:
+    """The property and lattice scalers as JSON (``load_vae`` reads them back)."""
+    return {"target_mean": np.asarray(trained.property_scaler.mean).tolist(), "target_std": np.asarray(trained.property_scaler.std).tolist(),
+            "lattice_mean": np.asarray(trained.lattice_scaler.mean).tolist(), "lattice_std": np.asarray(trained.lattice_scaler.std).tolist()}
 
 
 def graph_counts(graphs: PackedGraphs) -> np.ndarray:
@@ -313,11 +403,7 @@ def fit_vae(
     best_variables = jax.device_get(state.variables)
     configs = {
         "model": config_to_dict(config), "train": config_to_dict(cfg),
-        "data": {
-            "n_train": len(train), "n_val": len(val),
-            "target_mean": property_scaler.mean.tolist(), "target_std": property_scaler.std.tolist(),
-            "lattice_mean": np.asarray(lattice_scaler.mean).tolist(), "lattice_std": np.asarray(lattice_scaler.std).tolist(),
-        },
+        "data": {"n_train": len(train), "n_val": len(val), **_scaler_record(TrainedVAE(model, {}, property_scaler, lattice_scaler))},
     }
     ckpt = Checkpointer(workdir, configs) if workdir is not None else None
     if ckpt is not None and (restored := ckpt.restore("latest", abstract_like({"state": state}, replicated(mesh)))) is not None:
@@ -373,7 +459,7 @@ def fit_vae(
 
 
 def load_vae(workdir: str | Path) -> TrainedVAE:
-    """The best-validation VAE of a ``fit_vae(..., workdir)`` run."""
+    """The best-validation VAE of a ``fit_vae(..., workdir)`` run, or the refined one of ``refine_decoder(..., workdir)``."""
     from matjax.train.ensemble import example_batch
 
     def abstract(configs: dict):
