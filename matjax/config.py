@@ -85,6 +85,11 @@ class MLFFTrainConfig:
     evaluation uses an exponential moving average of the parameters (ema_decay). Checkpoints
     every ``eval_every`` epochs; time_budget_s: stop after the first epoch that ends past this
     much training time (None: no limit).
+
+    Final stage (MACE's second stage): the last ``final_stage_epochs`` epochs train with
+    ``final_energy_weight`` instead of ``energy_weight``, at the low learning rate of the
+    cosine's tail, where the force error has levelled off and the energies still improve;
+    the best checkpoint is then chosen among the final stage's evaluations (0: no final stage).
     """
 
     dataset: str = "emt"
@@ -102,6 +107,8 @@ class MLFFTrainConfig:
     ema_decay: float = 0.99
     eval_every: int = 1
     time_budget_s: float | None = None
+    final_stage_epochs: int = 0
+    final_energy_weight: float = 1000.0
     seed: int = 0
 
 

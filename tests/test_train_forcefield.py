@@ -136,6 +136,18 @@ def test_time_budget_stops_after_one_epoch_with_a_checkpoint(splits, tmp_path):
     assert int(tf.load_force_field(tmp_path / "run", "latest")[2].num_interactions) == MODEL.num_interactions
 
 
+def test_final_stage_trains_with_its_energy_weight_and_selects_among_its_epochs(splits, straight_run, tmp_path):
+    staged = dataclasses.replace(TRAIN, final_stage_epochs=2, final_energy_weight=1e4 * TRAIN.energy_weight)
+    assert [tf.stage_config(staged, e).energy_weight for e in range(3)] == [TRAIN.energy_weight] + [1e4 * TRAIN.energy_weight] * 2
+    _, best, history = tf.train(MODEL, staged, splits, tmp_path / "run")
+    plain = straight_run[2]
+    assert [h["stage"] for h in history] == [0, 1, 1]
+    # Identical first epoch (same parameters and shuffles); then the energy term weighs 1e4x more.
+    assert history[0]["train_loss"] == plain[0]["train_loss"]
+    assert history[1]["train_loss"] > 1.2 * plain[1]["train_loss"]
+    assert int(best.epoch) >= 2
+
+
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 def test_weight_decay_shrinks_parameters_only_when_set(weight_decay):
     """With zero gradients Adam leaves parameters alone; AdamW's decoupled decay shrinks them by lr * wd."""

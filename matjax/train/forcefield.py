@@ -157,6 +157,13 @@ def create_optimizer(cfg: MLFFTrainConfig, steps_per_epoch: int) -> optax.Gradie
     return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adam)
 
 
+def stage_config(cfg: MLFFTrainConfig, epoch: int) -> MLFFTrainConfig:
+    """The configuration in force in (0-based) ``epoch``: the final stage's energy weight, if set."""
+    if epoch < cfg.epochs - cfg.final_stage_epochs:
+        return cfg
+    return dataclasses.replace(cfg, energy_weight=cfg.final_energy_weight)
+
+
 def init_state(model: nn.Module, optimizer, key, constants: dict, example: dict) -> TrainState:
     """Fresh parameters (``constants`` replace the model's zero defaults)."""
     graph = example["graph"]
@@ -274,8 +281,9 @@ def train(model_cfg: MLFFConfig, cfg: MLFFTrainConfig, splits: dict[str, ForceFi
     """Train (or resume) a force field; returns (model, best TrainState, history).
 
     Reference energies, the energy scale and ``avg_neighbors`` come from the training
-    split. Each evaluation saves the latest state and, if the validation loss improved,
-    the best; a non-finite loss stops the run with FloatingPointError and the last good
+    split. Each evaluation saves the latest state and, if the validation loss (with the
+    loss weights in force) improved, the best - the first evaluation of a final stage
+    (``cfg.final_stage_epochs``) always does; a non-finite loss stops the run with FloatingPointError and the last good
     checkpoints intact. A run restarted with the same ``run_dir`` resumes at its latest
     checkpoint and reshuffles exactly as the uninterrupted run would have. With
     ``cfg.time_budget_s`` the run stops (evaluated and saved) after the first epoch that
@@ -300,9 +308,9 @@ def train(model_cfg: MLFFConfig, cfg: MLFFTrainConfig, splits: dict[str, ForceFi
     restored = checkpointer.restore("latest", state)
     state, progress = restored if restored is not None else (state, {"train_s": 0.0})
     best_record = checkpointer.record("best")
-    best_loss = best_record["val_loss"] if best_record is not None else math.inf
+    # Selection key (-stage, val_loss): any evaluation of the final stage beats earlier ones.
+    best_key = (-best_record.get("stage", 0), best_record["val_loss"]) if best_record is not None else (0, math.inf)
     session_start = time.perf_counter() - progress["train_s"]
-    train_step = make_train_step(model_cfg, cfg, steps_per_epoch)
     eval_step = make_eval_step(model_cfg, cfg.stress_weight > 0)
     history_path = run_dir / "history.jsonl"
     rng = np.random.default_rng(cfg.seed)
@@ -310,6 +318,9 @@ def train(model_cfg: MLFFConfig, cfg: MLFFTrainConfig, splits: dict[str, ForceFi
         rng.permutation(len(train_data))  # replay the shuffles of the epochs already done
     bar = tqdm(range(int(state.epoch), cfg.epochs), desc="epochs", initial=int(state.epoch), total=cfg.epochs)
     for epoch in bar:
+        stage_cfg = stage_config(cfg, epoch)
+        stage = int(stage_cfg is not cfg)
+        train_step = make_train_step(model_cfg, stage_cfg, steps_per_epoch)
         losses = []
         for idx in batch_indices(train_data.graphs, budget, rng.permutation(len(train_data))):
             state, loss = train_step(state, make_batch(train_data, idx, budget, reference))
@@ -326,12 +337,13 @@ def train(model_cfg: MLFFConfig, cfg: MLFFTrainConfig, splits: dict[str, ForceFi
         out_of_time = cfg.time_budget_s is not None and train_s > cfg.time_budget_s
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs or out_of_time:
             val = scalar_metrics(evaluate(eval_step, state.variables(), val_data, budget))
-            val_loss = cfg.energy_weight * (val["energy_mae_meV_per_atom"] / 1e3) ** 2 + cfg.force_weight * val["force_mae_eV_per_A"] ** 2
-            record = {"epoch": epoch + 1, "train_loss": train_loss, "train_s": round(train_s, 1), **{f"val_{k}": v for k, v in val.items()}}
+            val_loss = (stage_cfg.energy_weight * (val["energy_mae_meV_per_atom"] / 1e3) ** 2
+                        + stage_cfg.force_weight * val["force_mae_eV_per_A"] ** 2)
+            record = {"epoch": epoch + 1, "stage": stage, "energy_weight": stage_cfg.energy_weight, "train_loss": train_loss, "train_s": round(train_s, 1), **{f"val_{k}": v for k, v in val.items()}}
             checkpointer.save("latest", int(state.step), state, {"train_s": train_s})
-            if val_loss < best_loss:
-                best_loss = val_loss
-                checkpointer.save("best", int(state.step), state, {"val_loss": val_loss, "epoch": epoch + 1})
+            if (-stage, val_loss) < best_key:
+                best_key = (-stage, val_loss)
+                checkpointer.save("best", int(state.step), state, {"val_loss": val_loss, "epoch": epoch + 1, "stage": stage})
             with history_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
             bar.set_postfix(loss=f"{train_loss:.3g}", E=f"{val['energy_mae_meV_per_atom']:.2f}", F=f"{val['force_mae_eV_per_A']:.4f}")
