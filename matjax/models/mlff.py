@@ -232,9 +232,11 @@ class MomentInteraction(nn.Module):
         traceless = units[:, _SYM_ROWS] * units[:, _SYM_COLS] - _SYM_IDENTITY / 3.0  # [E, 6]
         a0 = jax.ops.segment_sum(w0, receivers, n)
         a1 = jax.ops.segment_sum(units[:, :, None] * w1[:, None, :], receivers, n)  # [N, 3, F]
-        a2 = jax.ops.segment_sum(traceless[:, :, None] * w2[:, None, :], receivers, n)[:, jnp.asarray(_SYM_INDEX)]  # [N, 3, 3, F]
+        a2 = jax.ops.segment_sum(traceless[:, :, None] * w2[:, None, :], receivers, n)  # [N, 6, F]
         p, q = jnp.split(nn.Dense(2 * F, use_bias=False, name="mix1")(a1), 2, axis=-1)
-        x, y, z = jnp.split(nn.Dense(3 * F, use_bias=False, name="mix2")(a2), 3, axis=-1)
+        # Mix the 6 distinct entries, then rebuild [N, 3, 3, 3F]: a third less work than mixing all 9.
+        mixed = nn.Dense(3 * F, use_bias=False, name="mix2")(a2)[:, jnp.asarray(_SYM_INDEX)]
+        x, y, z = jnp.split(mixed, 3, axis=-1)
         invariants = [
             a0,
             jnp.sum(p * q, axis=1),
