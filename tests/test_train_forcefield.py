@@ -130,10 +130,14 @@ def test_calculator_matches_the_model_and_relaxes(straight_run):
     assert np.isfinite(co.get_potential_energy()) and co.get_forces().shape == (2, 3)
 
 
-def test_time_budget_stops_after_one_epoch_with_a_checkpoint(splits, tmp_path):
+def test_time_budget_stops_after_one_epoch_and_a_larger_budget_goes_on(splits, straight_run, tmp_path):
     _, best, history = tf.train(MODEL, dataclasses.replace(TRAIN, time_budget_s=0.0), splits, tmp_path / "run")
     assert [h["epoch"] for h in history] == [1] and int(best.epoch) == 1
     assert int(tf.load_force_field(tmp_path / "run", "latest")[2].num_interactions) == MODEL.num_interactions
+    # The next session raises the budget and ends where an uninterrupted run ends.
+    _, best, history = tf.train(MODEL, dataclasses.replace(TRAIN, time_budget_s=1e6), splits, tmp_path / "run")
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert _leaves_equal(best.params, straight_run[1].params)
 
 
 def test_final_stage_trains_with_its_energy_weight_and_selects_among_its_epochs(splits, straight_run, tmp_path):

@@ -238,13 +238,19 @@ def scalar_metrics(metrics: dict) -> dict:
 
 
 def run_configs(model_cfg: MLFFConfig, train_cfg: MLFFTrainConfig) -> dict:
-    """The JSON-ready configs a run's checkpoints are tagged with."""
-    return {"model": config_to_dict(model_cfg), "train": config_to_dict(train_cfg)}
+    """The JSON-ready configs a run's checkpoints are tagged with and a resumed run must match.
+
+    The time budget is left out: it limits a session, not the run, so a run it stopped can
+    go on with a larger one.
+    """
+    train = {k: v for k, v in config_to_dict(train_cfg).items() if k != "time_budget_s"}
+    return {"model": config_to_dict(model_cfg), "train": train}
 
 
 def save_run_config(run_dir: Path, model_cfg: MLFFConfig, train_cfg: MLFFTrainConfig) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(run_configs(model_cfg, train_cfg), indent=2))
+    config = {"model": config_to_dict(model_cfg), "train": config_to_dict(train_cfg)}
+    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
 
 
 def load_run_config(run_dir: str | Path) -> tuple[MLFFConfig, MLFFTrainConfig]:
