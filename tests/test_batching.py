@@ -44,7 +44,7 @@ def per_graph_features(batch: jraph.GraphsTuple) -> jnp.ndarray:
 def test_round_up_buckets_with_bounded_waste(n):
     b = round_up(n)
     assert n <= b
-    assert b - n < 16 if n <= 512 else b < 1.25 * n
+    assert b - n < 64 if n <= 512 else b < 1.25 * n
     assert round_up(b) == b
 
 

@@ -37,14 +37,13 @@ class Budget(NamedTuple):
 
 
 def round_up(n: int) -> int:
-    """Bucket a size: a multiple of 16 up to 512, then 1, 1.25, 1.5 or 1.75 x 2^k.
+    """Bucket a size: a multiple of 64 up to 512, then 1, 1.25, 1.5 or 1.75 x 2^k.
 
-    Few distinct buckets (few compilations); padding adds < 16 elements up to 512 (the
-    force-field batches of ~100 atoms: every padded node costs as much as a real one,
-    and 64-multiples made aspirin steps 7% slower) and < 25% above.
+    Few distinct buckets (few compilations); padding adds < 64 elements up to 512 and
+    < 25% above.
     """
     if n <= 512:
-        return 16 * max(1, math.ceil(n / 16))
+        return 64 * max(1, math.ceil(n / 64))
     step = 2 ** (math.floor(math.log2(n)) - 2)
     return step * math.ceil(n / step)
 
