@@ -69,13 +69,15 @@ def main() -> None:
     parser.add_argument("--ema-decay", type=float, help="decay of the parameter average that is evaluated")
     parser.add_argument("--final-stage-epochs", type=int, help="last epochs trained with --final-energy-weight")
     parser.add_argument("--final-energy-weight", type=float, help="energy weight of the final stage")
+    parser.add_argument("--seed", type=int, help="initialisation and shuffling seed (ensemble members differ in it)")
     parser.add_argument("--out", type=Path, help="run folder; default runs/mlff-<config>-<dataset>-<model>")
     parser.add_argument("--record", type=Path, help="merge the test figures into this results JSON")
     args = parser.parse_args()
     model_cfg, cfg = CONFIGS[args.config]
     overrides = {"dataset": args.dataset, "epochs": args.epochs, "time_budget_s": args.time_budget,
                  "stress_weight": args.stress_weight, "weight_decay": args.weight_decay, "ema_decay": args.ema_decay,
-                 "final_stage_epochs": args.final_stage_epochs, "final_energy_weight": args.final_energy_weight}
+                 "final_stage_epochs": args.final_stage_epochs, "final_energy_weight": args.final_energy_weight,
+                 "seed": args.seed}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     model_cfg = dataclasses.replace(model_cfg, model=args.model or model_cfg.model)
     run_dir = args.out or Path("runs") / f"mlff-{args.config}-{cfg.dataset}-{model_cfg.model}"
