@@ -5,8 +5,12 @@
     python experiments/train_mlff.py --config mlearn --dataset mlearn-Si --record benchmarks/results/mlff_mlearn.json
     python experiments/train_mlff.py --config aspirin --record benchmarks/results/mlff_aspirin.json
 
+    python experiments/train_mlff.py --ensemble runs/a runs/b runs/c --out runs/abc --record ...
+
 Writes <run>/config.json, checkpoints (best + latest; rerunning resumes), history.jsonl,
 test_metrics.json and parity.png. --record merges the test figures into a results JSON.
+--ensemble trains nothing: it tests the mean energy of trained runs of one dataset (members
+differ in --seed) and writes <out>/test_metrics.json (members and ensemble) and parity.png.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ from matjax.config import MLFFConfig, MLFFTrainConfig
 from matjax.data.batching import budget_for
 from matjax.data.forcefield import load_forcefield
 from matjax.models.mlff import MODELS
-from matjax.train.forcefield import evaluate, make_eval_step, plot_parity, scalar_metrics, train
+from matjax.train.forcefield import (
+    ensemble_metrics, evaluate, load_force_field, load_run_config, make_eval_step, plot_parity, scalar_metrics, train,
+)
 
 CONFIGS = {
     "default": (MLFFConfig(model="invariant", features=64, num_interactions=3), MLFFTrainConfig(dataset="emt", epochs=60)),
@@ -42,10 +48,18 @@ CONFIGS = {
 }
 
 
-def record(path: Path, cfg: MLFFTrainConfig, model_cfg: MLFFConfig, figures: dict) -> None:
+def tests_stress(cfg: MLFFTrainConfig) -> bool:
+    """Whether the test reports a stress error: mlearn has stress labels, trained on or not."""
+    return cfg.stress_weight > 0 or cfg.dataset.startswith("mlearn")
+
+
+RUN_KEYS = ("epochs_run", "epochs_planned", "best_epoch", "wall_time_s")
+
+
+def record(path: Path, cfg: MLFFTrainConfig, model: str, figures: dict, run_keys=RUN_KEYS) -> None:
     """Merge the test figures into a results JSON (mlearn: one entry per element)."""
     results = json.loads(path.read_text()) if path.exists() else {}
-    run = {k: figures[k] for k in ("epochs_run", "epochs_planned", "best_epoch", "wall_time_s")} | {"model": model_cfg.model}
+    run = {k: figures[k] for k in run_keys} | {"model": model}
     if cfg.dataset.startswith("mlearn-"):
         results[cfg.dataset.split("-", 1)[1]] = {
             k: figures[k] for k in ("energy_mae_meV_per_atom", "force_mae_eV_per_A", "stress_mae_GPa")
@@ -72,7 +86,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, help="initialisation and shuffling seed (ensemble members differ in it)")
     parser.add_argument("--out", type=Path, help="run folder; default runs/mlff-<config>-<dataset>-<model>")
     parser.add_argument("--record", type=Path, help="merge the test figures into this results JSON")
+    parser.add_argument("--ensemble", type=Path, nargs="+", metavar="RUN", help="test the ensemble of these trained runs")
     args = parser.parse_args()
+    if args.ensemble:
+        test_ensemble(args.ensemble, args.out or Path("runs") / "mlff-ensemble", args.record)
+        return
     model_cfg, cfg = CONFIGS[args.config]
     overrides = {"dataset": args.dataset, "epochs": args.epochs, "time_budget_s": args.time_budget,
                  "stress_weight": args.stress_weight, "weight_decay": args.weight_decay, "ema_decay": args.ema_decay,
@@ -87,7 +105,7 @@ def main() -> None:
     print({k: len(v) for k, v in splits.items()}, "structures")
     model, best, history = train(model_cfg, cfg, splits, run_dir)
     budget = budget_for(splits["train"].graphs, cfg.batch_size)
-    test = evaluate(make_eval_step(model.cfg, cfg.stress_weight > 0 or cfg.dataset.startswith("mlearn")),
+    test = evaluate(make_eval_step(model.cfg, tests_stress(cfg)),
                     best.variables(), splits["test"], budget)
     figures = scalar_metrics(test) | {
         "wall_time_s": round(time.perf_counter() - start, 1), "epochs_planned": cfg.epochs,
@@ -97,7 +115,33 @@ def main() -> None:
     plot_parity(test, run_dir / "parity.png", f"{cfg.dataset} test, {model_cfg.model}")
     print(json.dumps(figures))
     if args.record:
-        record(args.record, cfg, model_cfg, figures)
+        record(args.record, cfg, model_cfg.model, figures)
+
+
+def test_ensemble(runs: list[Path], out: Path, record_path: Path | None) -> None:
+    """Test each run's best checkpoint and the ensemble of their mean energy on their dataset."""
+    configs = [load_run_config(run) for run in runs]
+    (model_cfg, cfg), models = configs[0], {c[0].model for c in configs}
+    if len({(c.dataset, c.n_frames, m.cutoff) for m, c in configs}) > 1:
+        raise ValueError(f"ensemble members must share dataset and cutoff: {[str(r) for r in runs]}")
+    start = time.perf_counter()
+    splits = load_forcefield(cfg.dataset, model_cfg.cutoff, n_frames=cfg.n_frames)
+    budget = budget_for(splits["train"].graphs, cfg.batch_size)
+    members = []
+    for run in runs:
+        model, variables, member_cfg = load_force_field(run)
+        members.append(evaluate(make_eval_step(member_cfg, tests_stress(cfg)), variables, splits["test"], budget))
+        print(run, json.dumps(scalar_metrics(members[-1])))
+    ensemble = ensemble_metrics(members, splits["test"])
+    figures = scalar_metrics(ensemble) | {"members": [str(r) for r in runs], "wall_time_s": round(time.perf_counter() - start, 1)}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "test_metrics.json").write_text(json.dumps(
+        {"ensemble": figures, "members": {str(r): scalar_metrics(m) for r, m in zip(runs, members)}}, indent=2) + "\n")
+    name = f"{'+'.join(sorted(models))} ensemble of {len(runs)}"
+    plot_parity(ensemble, out / "parity.png", f"{cfg.dataset} test, {name}")
+    print(json.dumps(figures))
+    if record_path:
+        record(record_path, cfg, name, figures, run_keys=("members", "wall_time_s"))
 
 
 if __name__ == "__main__":

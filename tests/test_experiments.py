@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,10 +58,19 @@ def test_ising_phase(tmp_path):
         assert (tmp_path / f"{name}.png").stat().st_size > 1000
 
 
-def test_train_mlff_then_run_md(tmp_path):
+def test_train_mlff_an_ensemble_then_run_md(tmp_path):
     run_experiment("train_mlff.py", tmp_path / "ff")
     metrics = json.loads((tmp_path / "ff" / "test_metrics.json").read_text())
     assert metrics["force_mae_eV_per_A"] > 0 and (tmp_path / "ff" / "parity.png").stat().st_size > 1000
+    run_experiment("train_mlff.py", tmp_path / "ff1", "--seed", "1")
+    run_experiment("train_mlff.py", tmp_path / "ens", "--ensemble", str(tmp_path / "ff"), str(tmp_path / "ff1"),
+                   "--record", str(tmp_path / "results.json"))
+    tested = json.loads((tmp_path / "ens" / "test_metrics.json").read_text())
+    members = list(tested["members"].values())
+    assert tested["members"][str(tmp_path / "ff")]["force_mae_eV_per_A"] == pytest.approx(metrics["force_mae_eV_per_A"])
+    for key in ("energy_mae_meV_per_atom", "force_mae_eV_per_A"):  # |mean error| <= mean |error|
+        assert tested["ensemble"][key] <= np.mean([m[key] for m in members]) * (1 + 1e-6)  # float32 rounding
+    assert json.loads((tmp_path / "results.json").read_text())["model"] == "invariant ensemble of 2"
     run_experiment("run_md.py", tmp_path / "md", "--model-dir", str(tmp_path / "ff"))
     summary = json.loads((tmp_path / "md" / "summary.json").read_text())
     assert summary["stopped"] is None and abs(summary["drift_meV_per_atom_per_ps"]) < 10

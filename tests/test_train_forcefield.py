@@ -169,3 +169,23 @@ def test_runs_without_weight_decay_keep_the_optimizer_state_of_earlier_versions(
     params = {"w": jax.numpy.ones(2)}
     assert (jax.tree_util.tree_structure(tf.create_optimizer(TRAIN, 1).init(params))
             == jax.tree_util.tree_structure(legacy.init(params)))
+
+
+def test_an_ensemble_of_one_is_its_member_and_of_two_averages_energies_and_forces(splits, straight_run, tmp_path):
+    _, best, _ = straight_run
+    _, other, _ = tf.train(MODEL, dataclasses.replace(TRAIN, seed=1), splits, tmp_path / "seed1")
+    model = tf.create_model(dataclasses.replace(MODEL, avg_neighbors=round(tf.data_statistics(splits["train"])["avg_neighbors"], 3)))
+    step = tf.make_eval_step(model.cfg, False)
+    budget = tf.budget_for(splits["train"].graphs, TRAIN.batch_size)
+    members = [tf.evaluate(step, state.variables(), splits["val"], budget) for state in (best, other)]
+    alone = tf.ensemble_metrics(members[:1], splits["val"])
+    for key in ("energy_mae_meV_per_atom", "energy_mae_meV", "force_mae_eV_per_A"):
+        assert alone[key] == members[0][key]
+    assert np.isnan(alone["force_std_error_spearman"]) and not alone["force_std"].any()
+    both = tf.ensemble_metrics(members, splits["val"])
+    np.testing.assert_allclose(both["force_pred"], (members[0]["force_pred"] + members[1]["force_pred"]) / 2)
+    np.testing.assert_allclose(both["force_std"], np.abs(members[0]["force_pred"] - members[1]["force_pred"]) / 2, atol=1e-7)
+    # Different seeds: different members; the mean's error is never above the members' mean error.
+    assert members[0]["force_mae_eV_per_A"] != members[1]["force_mae_eV_per_A"]
+    for key in ("energy_mae_meV_per_atom", "force_mae_eV_per_A"):
+        assert both[key] <= (members[0][key] + members[1][key]) / 2 * (1 + 1e-6)  # float32 rounding

@@ -204,7 +204,7 @@ def evaluate(eval_step, variables, data: ForceFieldData, budget: Budget) -> dict
 
     Keys: energy_mae_meV_per_atom, energy_mae_meV, force_mae_eV_per_A, stress_mae_GPa
     (NaN where no stress), and arrays energy_true / energy_pred [M] (eV per atom),
-    force_true / force_pred [3 sum N] (eV/A).
+    force_true / force_pred [3 sum N] (eV/A), stress_error [labelled components] (eV/A^3).
     """
     reference = np.asarray(variables["constants"]["_Constants_0"]["reference"], np.float64)
     offset = reference_sums(data, reference)
@@ -220,16 +220,42 @@ def evaluate(eval_step, variables, data: ForceFieldData, budget: Budget) -> dict
         f_pred.append(out["pred_forces"][n].ravel())
         if "stress" in out:
             s_err.append(out["stress"][out["stress_mask"]].ravel())
-    e_true, e_pred = np.concatenate(e_true), np.concatenate(e_pred)
-    f_true, f_pred = np.concatenate(f_true), np.concatenate(f_pred)
     s_err = np.concatenate(s_err) if s_err else np.array([])
+    return _error_metrics(np.concatenate(e_true), np.concatenate(e_pred), np.concatenate(f_true),
+                          np.concatenate(f_pred), s_err, data.n_atoms)
+
+
+def _error_metrics(e_true, e_pred, f_true, f_pred, s_err, n_atoms) -> dict:
     return {
         "energy_mae_meV_per_atom": 1e3 * float(np.mean(np.abs(e_pred - e_true))),
-        "energy_mae_meV": 1e3 * float(np.mean(np.abs((e_pred - e_true) * data.n_atoms))),
+        "energy_mae_meV": 1e3 * float(np.mean(np.abs((e_pred - e_true) * n_atoms))),
         "force_mae_eV_per_A": float(np.mean(np.abs(f_pred - f_true))),
         "stress_mae_GPa": 160.21766208 * float(np.mean(np.abs(s_err))) if len(s_err) else float("nan"),
-        "energy_true": e_true, "energy_pred": e_pred, "force_true": f_true, "force_pred": f_pred,
+        "energy_true": e_true, "energy_pred": e_pred, "force_true": f_true, "force_pred": f_pred, "stress_error": s_err,
     }
+
+
+def ensemble_metrics(members: list[dict], data: ForceFieldData) -> dict:
+    """``evaluate``'s result for the ensemble whose energy is the mean of the members' energies.
+
+    members: ``evaluate`` results of each member on ``data``. Forces and stress are
+    derivatives of the energy, so the ensemble's are the members' means too (it stays
+    conservative). Adds force_std [3 sum N] (eV/A), the members' spread per component,
+    and force_std_error_spearman, the rank correlation of that spread with the ensemble's
+    force error (how well the spread flags the worst components; NaN for one member).
+    """
+    def mean(key):
+        return np.mean([m[key] for m in members], axis=0)
+
+    first = members[0]
+    metrics = _error_metrics(first["energy_true"], mean("energy_pred"), first["force_true"], mean("force_pred"),
+                             mean("stress_error"), data.n_atoms)
+    spread = np.std([m["force_pred"] for m in members], axis=0)
+    error = np.abs(metrics["force_pred"] - metrics["force_true"])
+    ranks = [np.argsort(np.argsort(x)) for x in (spread, error)]
+    metrics["force_std"] = spread
+    metrics["force_std_error_spearman"] = float(np.corrcoef(*ranks)[0, 1]) if len(members) > 1 else float("nan")
+    return metrics
 
 
 def scalar_metrics(metrics: dict) -> dict:
