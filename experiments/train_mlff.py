@@ -89,7 +89,7 @@ def main() -> None:
     parser.add_argument("--ensemble", type=Path, nargs="+", metavar="RUN", help="test the ensemble of these trained runs")
     args = parser.parse_args()
     if args.ensemble:
-        test_ensemble(args.ensemble, args.out or Path("runs") / "mlff-ensemble", args.record)
+        evaluate_ensemble(args.ensemble, args.out or Path("runs") / "mlff-ensemble", args.record)
         return
     model_cfg, cfg = CONFIGS[args.config]
     overrides = {"dataset": args.dataset, "epochs": args.epochs, "time_budget_s": args.time_budget,
@@ -118,7 +118,7 @@ def main() -> None:
         record(args.record, cfg, model_cfg.model, figures)
 
 
-def test_ensemble(runs: list[Path], out: Path, record_path: Path | None) -> None:
+def evaluate_ensemble(runs: list[Path], out: Path, record_path: Path | None) -> None:
     """Test each run's best checkpoint and the ensemble of their mean energy on their dataset."""
     configs = [load_run_config(run) for run in runs]
     (model_cfg, cfg), models = configs[0], {c[0].model for c in configs}
@@ -129,7 +129,7 @@ def test_ensemble(runs: list[Path], out: Path, record_path: Path | None) -> None
     budget = budget_for(splits["train"].graphs, cfg.batch_size)
     members = []
     for run in runs:
-        model, variables, member_cfg = load_force_field(run)
+        _, variables, member_cfg = load_force_field(run)
         members.append(evaluate(make_eval_step(member_cfg, tests_stress(cfg)), variables, splits["test"], budget))
         print(run, json.dumps(scalar_metrics(members[-1])))
     ensemble = ensemble_metrics(members, splits["test"])
