@@ -23,10 +23,10 @@ from pathlib import Path
 
 from matjax.config import MLFFConfig, MLFFTrainConfig
 from matjax.data.batching import budget_for
-from matjax.data.forcefield import load_forcefield
+from matjax.data.forcefield import load_forcefield, mlearn_groups
 from matjax.models.mlff import MODELS
 from matjax.train.forcefield import (
-    ensemble_metrics, evaluate, load_force_field, load_run_config, make_eval_step, plot_parity, scalar_metrics, train,
+    ensemble_metrics, errors_by_group, evaluate, load_force_field, load_run_config, make_eval_step, plot_parity, scalar_metrics, train,
 )
 
 CONFIGS = {
@@ -51,6 +51,15 @@ CONFIGS = {
 def tests_stress(cfg: MLFFTrainConfig) -> bool:
     """Whether the test reports a stress error: mlearn has stress labels, trained on or not."""
     return cfg.stress_weight > 0 or cfg.dataset.startswith("mlearn")
+
+
+def group_figures(cfg: MLFFTrainConfig, metrics: dict, data) -> dict:
+    """{"by_group": errors per structure group} for mlearn test sets, else {}."""
+    if not cfg.dataset.startswith("mlearn-"):
+        return {}
+    groups = mlearn_groups(cfg.dataset.split("-", 1)[1], "test")
+    # ids end in the entry's index in the file, so skipped entries cannot shift the groups
+    return {"by_group": errors_by_group(metrics, [groups[int(i.rsplit("-", 1)[1])] for i in data.ids], data.n_atoms)}
 
 
 RUN_KEYS = ("epochs_run", "epochs_planned", "best_epoch", "wall_time_s")
@@ -110,7 +119,7 @@ def main() -> None:
     figures = scalar_metrics(test) | {
         "wall_time_s": round(time.perf_counter() - start, 1), "epochs_planned": cfg.epochs,
         "epochs_run": history[-1]["epoch"] if history else 0, "best_epoch": int(best.epoch),
-    }
+    } | group_figures(cfg, test, splits["test"])
     (run_dir / "test_metrics.json").write_text(json.dumps(figures, indent=2) + "\n")
     plot_parity(test, run_dir / "parity.png", f"{cfg.dataset} test, {model_cfg.model}")
     print(json.dumps(figures))
@@ -133,7 +142,8 @@ def evaluate_ensemble(runs: list[Path], out: Path, record_path: Path | None) -> 
         members.append(evaluate(make_eval_step(member_cfg, tests_stress(cfg)), variables, splits["test"], budget))
         print(run, json.dumps(scalar_metrics(members[-1])))
     ensemble = ensemble_metrics(members, splits["test"])
-    figures = scalar_metrics(ensemble) | {"members": [str(r) for r in runs], "wall_time_s": round(time.perf_counter() - start, 1)}
+    figures = scalar_metrics(ensemble) | group_figures(cfg, ensemble, splits["test"]) | {
+        "members": [str(r) for r in runs], "wall_time_s": round(time.perf_counter() - start, 1)}
     out.mkdir(parents=True, exist_ok=True)
     (out / "test_metrics.json").write_text(json.dumps(
         {"ensemble": figures, "members": {str(r): scalar_metrics(m) for r, m in zip(runs, members)}}, indent=2) + "\n")

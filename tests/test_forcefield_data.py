@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from matjax.data.forcefield import (
-    KBAR, MLEARN_VOIGT, Frame, build_dataset, emt_frames, load_forcefield, mlearn_stress, read_extxyz, read_mlearn,
-    voigt_to_tensor,
+    KBAR, MLEARN_VOIGT, Frame, build_dataset, emt_frames, load_forcefield, mlearn_groups, mlearn_stress, read_extxyz,
+    read_mlearn, voigt_to_tensor,
 )
 from matjax.data.sources import shared_data_dir
 
@@ -90,6 +90,13 @@ def test_mlearn_reader_shapes_and_units():
     assert -11.5 < f.energy / len(f.species) < -10.0  # eV/atom, VASP PBE
     assert np.abs(f.stress).max() < 0.2  # eV/A^3 (a few GPa), not kbar
     np.testing.assert_allclose(f.stress, mlearn_stress(json.load(gzip.open(DATA / "ff_mlearn/Mo/test.json.gz"))[0]["outputs"]["virial_stress"], "Mo"))
+
+
+@needs_data
+def test_mlearn_groups_follow_the_reader_order():
+    groups = mlearn_groups("Mo", "test", DATA)
+    assert len(groups) == len(read_mlearn("Mo", "test", DATA)[0])
+    assert {g: groups.count(g) for g in set(groups)} == {"AIMD-NVT": 12, "Elastic": 6, "Vacancy": 3, "Surface": 2}
 
 
 @needs_data

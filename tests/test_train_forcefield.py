@@ -189,3 +189,13 @@ def test_an_ensemble_of_one_is_its_member_and_of_two_averages_energies_and_force
     assert members[0]["force_mae_eV_per_A"] != members[1]["force_mae_eV_per_A"]
     for key in ("energy_mae_meV_per_atom", "force_mae_eV_per_A"):
         assert both[key] <= (members[0][key] + members[1][key]) / 2 * (1 + 1e-6)  # float32 rounding
+
+
+def test_errors_by_group_split_the_maes_by_structure():
+    metrics = {"energy_true": np.zeros(3), "energy_pred": np.array([0.001, 0.002, -0.004]),
+               "force_true": np.zeros(12), "force_pred": np.arange(12.0)}  # structures of 1, 2 and 1 atoms
+    by_group = tf.errors_by_group(metrics, ["bulk", "surface", "bulk"], np.array([1, 2, 1]))
+    assert by_group["bulk"] == {"n": 2, "energy_mae_meV_per_atom": pytest.approx(2.5),
+                                "force_mae_eV_per_A": pytest.approx(np.mean([0, 1, 2, 9, 10, 11]))}
+    assert by_group["surface"] == {"n": 1, "energy_mae_meV_per_atom": pytest.approx(2.0),
+                                   "force_mae_eV_per_A": pytest.approx(np.mean(np.arange(3, 9)))}

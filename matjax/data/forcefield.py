@@ -94,13 +94,22 @@ def _root(data_dir) -> Path:
     return root
 
 
+def _mlearn_entries(element: str, split: str, data_dir) -> list[dict]:
+    path = _require(_root(data_dir) / "ff_mlearn" / element / f"{split}.json.gz")
+    with gzip.open(path, "rt") as f:
+        return json.load(f)
+
+
+def mlearn_groups(element: str, split: str = "training", data_dir=None) -> list[str]:
+    """The group of each mlearn structure ("AIMD-NVT", "Elastic", "Vacancy", "Surface", ...),
+    in ``read_mlearn``'s order."""
+    return [entry["group"] for entry in _mlearn_entries(element, split, data_dir)]
+
+
 def read_mlearn(element: str, split: str = "training", data_dir=None) -> tuple[list[str], list[Frame]]:
     """mlearn ``{element}/{split}.json.gz`` (split "training" or "test") as frames."""
-    path = _require(_root(data_dir) / "ff_mlearn" / element / f"{split}.json.gz")
     ids, frames = [], []
-    with gzip.open(path, "rt") as f:
-        entries = json.load(f)
-    for i, entry in enumerate(entries):
+    for i, entry in enumerate(_mlearn_entries(element, split, data_dir)):
         lattice = np.asarray(entry["structure"]["lattice"]["matrix"], dtype=np.float64)
         sites = entry["structure"]["sites"]
         species = np.array([_atomic_number(site["species"][0]["element"]) for site in sites], dtype=np.int32)

@@ -258,6 +258,22 @@ def ensemble_metrics(members: list[dict], data: ForceFieldData) -> dict:
     return metrics
 
 
+def errors_by_group(metrics: dict, groups, n_atoms) -> dict:
+    """{group: {n, energy_mae_meV_per_atom, force_mae_eV_per_A}} from an ``evaluate`` result.
+
+    groups: [M] a label per structure and n_atoms: [M], both in the evaluated data's order
+    (e.g. mlearn's AIMD, Elastic, Vacancy and Surface structures, ``mlearn_groups``).
+    """
+    groups = np.asarray(groups)
+    component_groups = np.repeat(groups, 3 * np.asarray(n_atoms))
+    energy_error = np.abs(metrics["energy_pred"] - metrics["energy_true"])
+    force_error = np.abs(metrics["force_pred"] - metrics["force_true"])
+    return {str(g): {"n": int(np.sum(groups == g)),
+                     "energy_mae_meV_per_atom": 1e3 * float(np.mean(energy_error[groups == g])),
+                     "force_mae_eV_per_A": float(np.mean(force_error[component_groups == g]))}
+            for g in sorted(set(groups.tolist()))}
+
+
 def scalar_metrics(metrics: dict) -> dict:
     """The float entries of an ``evaluate`` result (JSON-ready)."""
     return {k: v for k, v in metrics.items() if isinstance(v, float)}
