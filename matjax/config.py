@@ -56,7 +56,9 @@ class DiscoveryConfig:
 class MLFFConfig:
     """A machine-learned force field (``matjax.models.mlff.create_model``).
 
-    model: "invariant" (the seed's SchNet-style model) or "painn" (equivariant);
+    model: "invariant" (the seed's SchNet-style model), "painn" (equivariant vectors),
+    "moment" (rank-0/1/2 moments contracted to invariants in every layer) or "tensor"
+    (rank-2 Cartesian tensors carried between layers, TensorNet-style);
     cutoff: neighbour radius (Angstrom), where the smooth envelope reaches zero;
     features / num_interactions / num_rbf: width, depth and Gaussian centres on [0, cutoff];
     envelope_p: polynomial order of the envelope; avg_neighbors: messages are summed and

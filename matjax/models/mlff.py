@@ -268,7 +268,138 @@ class MomentMLFF(nn.Module):
         return _Constants()(species, _Readout(features)(s))
 
 
-MODELS = {"invariant": InvariantMLFF, "painn": PaiNN, "moment": MomentMLFF}
+def _sym_full(s):
+    """[N, 6, F] entries xx, yy, zz, xy, xz, yz -> [N, 3, 3, F] symmetric matrices."""
+    return s[:, jnp.asarray(_SYM_INDEX)]
+
+
+def _skew(a):
+    """[N, 3, F] axial vectors -> [N, 3, 3, F] antisymmetric matrices (skew(a) b = a x b)."""
+    x, y, z = a[:, 0], a[:, 1], a[:, 2]
+    zero = jnp.zeros_like(x)
+    return jnp.stack([jnp.stack([zero, -z, y], 1), jnp.stack([z, zero, -x], 1), jnp.stack([-y, x, zero], 1)], 1)
+
+
+def _compose(i, a, s):
+    """(I [N, F], A [N, 3, F], S [N, 6, F]) -> X = I * identity + skew(A) + S, [N, 3, 3, F]."""
+    return i[:, None, None, :] * jnp.eye(3)[None, :, :, None] + _skew(a) + _sym_full(s)
+
+
+def _decompose(x):
+    """[N, 3, 3, F] -> (trace / 3 [N, F], axial vector of the antisymmetric part [N, 3, F],
+    symmetric traceless part as entries xx, yy, zz, xy, xz, yz [N, 6, F])."""
+    i = jnp.trace(x, axis1=1, axis2=2) / 3.0
+    anti = 0.5 * (x - jnp.swapaxes(x, 1, 2))
+    a = jnp.stack([anti[:, 2, 1], anti[:, 0, 2], anti[:, 1, 0]], 1)
+    sym = 0.5 * (x + jnp.swapaxes(x, 1, 2))
+    s = sym[:, jnp.asarray(_SYM_ROWS), jnp.asarray(_SYM_COLS)] - i[:, None, :] * _SYM_IDENTITY[None, :, None]
+    return i, a, s
+
+
+def _sym_square_norm(s):
+    """[N, F] squared Frobenius norm of symmetric matrices given as [N, 6, F] entries."""
+    return jnp.sum(jnp.asarray([1.0, 1.0, 1.0, 2.0, 2.0, 2.0])[None, :, None] * s * s, axis=1)
+
+
+def _square_norm(i, a, s):
+    """[N, F] squared Frobenius norm of each channel's matrix, from its parts."""
+    return 3.0 * i * i + 2.0 * jnp.sum(a * a, axis=1) + _sym_square_norm(s)
+
+
+def _normalise(i, a, s):
+    """X / (|X|^2 + 1) per channel: bounded, smooth, and the same rescaling for every part."""
+    scale = 1.0 / (_square_norm(i, a, s) + 1.0)
+    return i * scale, a * scale[:, None], s * scale[:, None]
+
+
+class _MixParts(nn.Module):
+    """Separate channel mixing of the three parts (linear maps over channels commute with rotations)."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, i, a, s):
+        return tuple(nn.Dense(self.features, use_bias=False, name=n)(x) for n, x in (("I", i), ("A", a), ("S", s)))
+
+
+class TensorEmbedding(nn.Module):
+    """Per-atom rank-2 tensors from the neighbourhood: X_i = sum_j Z_ij R(r_ij) (f_I 1 + f_A skew(u) + f_S (u u^T - 1/3)).
+
+    Z_ij is a learned embedding of the pair of elements; the three parts are then mixed over
+    channels and rescaled by an MLP of their norms (invariant), as in TensorNet.
+    """
+
+    features: int
+
+    @nn.compact
+    def __call__(self, species, rbf, envelope, units, senders, receivers):
+        F, n = self.features, species.shape[0]
+        z = nn.Embed(MAX_Z, F)(species)
+        # Dense([z_i, z_j]) as a per-atom projection of each side, gathered per edge.
+        pair = nn.Dense(F, name="pair_i")(z)[receivers] + nn.Dense(F, use_bias=False, name="pair_j")(z)[senders]
+        fi, fa, fs = jnp.split(nn.Dense(3 * F)(rbf) * (envelope[:, None] * jnp.tile(pair, 3)), 3, axis=-1)
+        traceless = units[:, _SYM_ROWS] * units[:, _SYM_COLS] - _SYM_IDENTITY / 3.0  # [E, 6]
+        i = jax.ops.segment_sum(fi, receivers, n)
+        a = jax.ops.segment_sum(units[:, :, None] * fa[:, None, :], receivers, n)
+        s = jax.ops.segment_sum(traceless[:, :, None] * fs[:, None, :], receivers, n)
+        i, a, s = _MixParts(F)(*_normalise(i, a, s))
+        gate = nn.Dense(3 * F)(nn.silu(nn.Dense(F)(nn.LayerNorm()(_square_norm(i, a, s)))))
+        gi, ga, gs = jnp.split(gate, 3, axis=-1)
+        return i * gi, a * ga[:, None], s * gs[:, None]
+
+
+class TensorInteraction(nn.Module):
+    """X_i += Y' + Y'^2 with Y' = mix(normalise(Y_i M_i + M_i Y_i)), M_i = sum_j R(r_ij) * parts of Y_j.
+
+    Y = channel-mixed parts of the normalised X. The products of 3 x 3 matrices couple the
+    atom's and its neighbours' tensors (each built from bond directions) to every rank: each
+    layer raises the body order, and every step is equivariant, so only invariants of the
+    final tensors reach the energy. Y M + M Y (not Y M alone) keeps the energy invariant
+    under reflections too.
+    """
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x, rbf, envelope, senders, receivers):
+        F, n = self.features, x[0].shape[0]
+        i, a, s = _MixParts(F)(*_normalise(*x))
+        fi, fa, fs = jnp.split(nn.Dense(3 * F)(rbf) * envelope[:, None], 3, axis=-1)
+        mi = jax.ops.segment_sum(fi * i[senders], receivers, n)
+        ma = jax.ops.segment_sum(fa[:, None, :] * a[senders], receivers, n)
+        ms = jax.ops.segment_sum(fs[:, None, :] * s[senders], receivers, n)
+        y, m = _compose(i, a, s), _compose(mi, ma, ms)
+        product = jnp.einsum("nijf,njkf->nikf", y, m) + jnp.einsum("nijf,njkf->nikf", m, y)
+        dx = _compose(*_MixParts(F)(*_normalise(*_decompose(product))))
+        dx = dx + jnp.einsum("nijf,njkf->nikf", dx, dx)
+        return tuple(old + new for old, new in zip(x, _decompose(dx)))
+
+
+class TensorMLFF(nn.Module):
+    """Cartesian rank-2 tensor features carried between layers (TensorNet, Simeon & De Fabritiis 2023).
+
+    Same call signature as ``InvariantMLFF``. Each atom holds F 3 x 3 matrices, kept as
+    their scalar, antisymmetric and symmetric-traceless parts; the energy reads the scalar
+    part and the norms of the others (invariants), so rotations and reflections leave it
+    unchanged. Unlike ``MomentMLFF``, directional information passes between layers.
+    """
+
+    cfg: MLFFConfig
+
+    @nn.compact
+    def __call__(self, species, vectors, senders, receivers, edge_mask=None):
+        F = self.cfg.features
+        rbf, envelope, units = _edge_directions(vectors, edge_mask, self.cfg)
+        x = TensorEmbedding(F)(species, rbf, envelope, units, senders, receivers)
+        for _ in range(self.cfg.num_interactions):
+            x = TensorInteraction(F)(x, rbf, envelope, senders, receivers)
+        i, a, s = x
+        invariants = jnp.concatenate([i, jnp.sum(a * a, axis=1), _sym_square_norm(s)], axis=-1)
+        h = nn.silu(nn.Dense(F)(nn.LayerNorm()(invariants)))
+        return _Constants()(species, _Readout(F)(h))
+
+
+MODELS = {"invariant": InvariantMLFF, "painn": PaiNN, "moment": MomentMLFF, "tensor": TensorMLFF}
 
 
 def create_model(cfg: MLFFConfig) -> nn.Module:
