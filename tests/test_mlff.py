@@ -257,3 +257,20 @@ def test_jitted_forces_compile_once_and_equal_eager():
 def test_unknown_model_name_raises():
     with pytest.raises(ValueError, match="unknown force-field model"):
         create_model(MLFFConfig(model="schnet2"))
+
+
+def test_tensor_parts_compose_and_decompose_exactly():
+    """The tensor model's 3 x 3 matrices: scalar, axial vector and symmetric traceless parts."""
+    from matjax.models.mlff import _compose, _decompose, _square_norm
+
+    rng = np.random.default_rng(0)
+    i, a, s6 = rng.normal(size=(2, 5)), rng.normal(size=(2, 3, 5)), rng.normal(size=(2, 6, 5))
+    s6[:, 2] = -s6[:, 0] - s6[:, 1]  # traceless
+    x = np.asarray(_compose(jnp.asarray(i), jnp.asarray(a), jnp.asarray(s6)))
+    matrix = x[1, :, :, 3]
+    np.testing.assert_allclose(np.trace(matrix) / 3, i[1, 3], rtol=1e-6)
+    np.testing.assert_allclose(0.5 * (matrix - matrix.T) @ [1.0, -2.0, 0.5], np.cross(a[1, :, 3], [1.0, -2.0, 0.5]), rtol=1e-5)
+    for got, want in zip(_decompose(jnp.asarray(x)), (i, a, s6)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_square_norm(jnp.asarray(i), jnp.asarray(a), jnp.asarray(s6)),
+                               np.sum(x**2, axis=(1, 2)), rtol=1e-5)
