@@ -62,6 +62,7 @@ def test_train_mlff_an_ensemble_then_run_md(tmp_path):
     run_experiment("train_mlff.py", tmp_path / "ff")
     metrics = json.loads((tmp_path / "ff" / "test_metrics.json").read_text())
     assert metrics["force_mae_eV_per_A"] > 0 and (tmp_path / "ff" / "parity.png").stat().st_size > 1000
+    assert 0 < metrics["train_s"] < metrics["wall_time_s"]
     run_experiment("train_mlff.py", tmp_path / "ff1", "--seed", "1")
     run_experiment("train_mlff.py", tmp_path / "ens", "--ensemble", str(tmp_path / "ff"), str(tmp_path / "ff1"),
                    "--record", str(tmp_path / "results.json"))

@@ -138,6 +138,7 @@ def test_time_budget_stops_after_one_epoch_and_a_larger_budget_goes_on(splits, s
     _, best, history = tf.train(MODEL, dataclasses.replace(TRAIN, time_budget_s=1e6), splits, tmp_path / "run")
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert _leaves_equal(best.params, straight_run[1].params)
+    assert 0 < history[0]["train_s"] < history[1]["train_s"]  # the clock goes on from the first session
 
 
 def test_final_stage_trains_with_its_energy_weight_and_selects_among_its_epochs(splits, straight_run, tmp_path):
