@@ -26,7 +26,8 @@ the ``constants`` variable collection: stored with the parameters, never trained
   potentials and MACE, in 3 x 3 algebra): bond angles resolved in every layer.
 - ``TensorMLFF``: each atom carries 3 x 3 tensors (scalar, antisymmetric and symmetric
   traceless parts) from layer to layer, coupled by matrix products (TensorNet): the most
-  accurate here (rMD17 aspirin forces 17 meV/A after 55 epochs, where the moment model had 28).
+  accurate here on rMD17 aspirin (test forces 12.3 meV/A after 200 epochs; the moment model
+  reached 15.1 after 500).
 """
 
 from __future__ import annotations
