@@ -73,7 +73,7 @@ class MLFFConfig:
     num_rbf: int = 50
     envelope_p: int = 6
     avg_neighbors: float = 1.0
-    edge_chunk: int = 4096
+    edge_chunk: int = 32768
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,7 +13,8 @@ from matjax.config import MLFFConfig
 from matjax.data.batching import Budget, graphs_tuple
 from matjax.data.graphs import build_graph, pack
 from matjax.geometry.periodic import node_graph_index
-from matjax.models.mlff import create_model, graph_energy_fn
+from matjax.models.layers import gaussian_rbf, gaussian_rbf_slope
+from matjax.models.mlff import create_model, graph_energy_fn, radial_filter
 from matjax.physics.forces import energy_forces_stress
 from matjax.testing import central_difference
 
@@ -238,6 +239,33 @@ def test_edge_chunks_do_not_change_the_invariant_model():
     e2, f2, _ = _efs(chunked, variables, graph)
     np.testing.assert_allclose(e2, e1, rtol=1e-6)
     np.testing.assert_allclose(f2, f1, atol=1e-6)
+
+
+@jax.enable_x64(True)
+def test_radial_filter_derivatives_equal_plain_autodiff():
+    """The invariant model's hand-written filter derivative: first and second derivatives in
+    the distances (forces, Hessians) and the mixed one that force training takes."""
+    rng = np.random.default_rng(0)
+    distances = jnp.asarray(rng.uniform(0.5, CUTOFF, 11))
+    kernel, bias, weights = (jnp.asarray(rng.normal(size=shape)) for shape in ((8, 5), (5,), (11, 5)))
+
+    def energy(filter_fn, distances, kernel):
+        return jnp.sum(jnp.tanh(filter_fn(distances, kernel)) * weights)
+
+    def plain(distances, kernel):
+        return gaussian_rbf(distances, CUTOFF, 8) @ kernel + bias
+
+    def custom(distances, kernel):
+        rbf = gaussian_rbf(distances, CUTOFF, 8)
+        return radial_filter(distances, rbf, gaussian_rbf_slope(distances, rbf, CUTOFF, 8), kernel, bias)
+
+    for derivative in (
+        lambda f: energy(f, distances, kernel),
+        lambda f: jax.grad(energy, argnums=(1, 2))(f, distances, kernel),
+        lambda f: jax.hessian(energy, argnums=1)(f, distances, kernel),
+        lambda f: jax.grad(lambda k: jnp.sum(jax.grad(energy, argnums=1)(f, distances, k) ** 2))(kernel),
+    ):
+        chex.assert_trees_all_close(derivative(custom), derivative(plain), rtol=1e-12, atol=1e-12)
 
 
 def test_jitted_forces_compile_once_and_equal_eager():

@@ -10,9 +10,20 @@ def gaussian_rbf(distances: jnp.ndarray, cutoff: float = 6.0, num: int = 40, wid
 
     The default width is the centre spacing, as in CGCNN.
     """
-    centres = jnp.linspace(0.0, cutoff, num)
-    width = cutoff / (num - 1) if width is None else width
+    centres, width = _rbf_grid(cutoff, num, width)
     return jnp.exp(-(((distances[..., None] - centres) / width) ** 2))
+
+
+def gaussian_rbf_slope(distances: jnp.ndarray, rbf: jnp.ndarray, cutoff: float = 6.0, num: int = 40,
+                       width: float | None = None) -> jnp.ndarray:
+    """[..., num] d rbf / d distance, given rbf = gaussian_rbf(distances, cutoff, num, width)."""
+    centres, width = _rbf_grid(cutoff, num, width)
+    return -2.0 * (distances[..., None] - centres) / width**2 * rbf
+
+
+def _rbf_grid(cutoff: float, num: int, width: float | None):
+    """(centres [num], width) of the Gaussian expansion."""
+    return jnp.linspace(0.0, cutoff, num), cutoff / (num - 1) if width is None else width
 
 
 def polynomial_envelope(distances: jnp.ndarray, cutoff: float, p: int = 6) -> jnp.ndarray:

