@@ -63,7 +63,8 @@ class MLFFConfig:
     features / num_interactions / num_rbf: width, depth and Gaussian centres on [0, cutoff];
     envelope_p: polynomial order of the envelope; avg_neighbors: messages are summed and
     divided by this (the training set's mean neighbour count keeps activations O(1));
-    edge_chunk: edges per step of the invariant model's message scan (speed only).
+    edge_chunk: edges per step of the invariant model's message scan (speed only; 32,768
+    was the fastest of 4,096-65,536 and one pass for 64-4000-atom Cu on a 2-core Xeon).
     """
 
     model: str = "invariant"

@@ -118,9 +118,10 @@ def message_sum(node, radial, envelope, kernel, bias, senders, receivers):
     node: [N, F] per-atom projection; radial: (distances [C, K], rbf [C, K, R], rbf_slope
     [C, K, R]) and envelope / senders / receivers: [C, K], edges in C chunks of K; filter(r)
     = rbf(r) @ kernel (``radial_filter``); kernel: [R, F]; bias: [F].
-    The scan keeps each chunk's [K, F] intermediates in cache, and the rematerialised
-    body makes the backward pass recompute them instead of storing [E, F] arrays; a
-    single chunk skips the loop (small systems are dominated by the count of XLA ops).
+    The scan bounds the live intermediates to one chunk's [K, F] arrays, and the
+    rematerialised body makes the backward pass recompute them instead of storing [E, F]
+    arrays (a 4000-atom Cu cell's 270,000 edges in one pass ran 2x slower than in chunks of
+    32,768); a single chunk skips the loop (small systems are dominated by the count of XLA ops).
     """
 
     def body(acc, edges):
