@@ -88,6 +88,7 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(MODELS))
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--time-budget", type=float, help="seconds of training after which the run stops")
+    parser.add_argument("--learning-rate", type=float, help="peak learning rate of the warm-up + cosine schedule")
     parser.add_argument("--energy-weight", type=float, help="weight of the per-atom energy MSE (eV) in the loss")
     parser.add_argument("--force-weight", type=float, help="weight of the force MSE (eV/A) in the loss")
     parser.add_argument("--stress-weight", type=float, help="weight of the stress MSE (eV/A^3) in the loss")
@@ -105,7 +106,7 @@ def main() -> None:
         return
     model_cfg, cfg = CONFIGS[args.config]
     overrides = {"dataset": args.dataset, "epochs": args.epochs, "time_budget_s": args.time_budget,
-                 "energy_weight": args.energy_weight, "force_weight": args.force_weight,
+                 "learning_rate": args.learning_rate, "energy_weight": args.energy_weight, "force_weight": args.force_weight,
                  "stress_weight": args.stress_weight, "weight_decay": args.weight_decay, "ema_decay": args.ema_decay,
                  "final_stage_epochs": args.final_stage_epochs, "final_energy_weight": args.final_energy_weight,
                  "seed": args.seed}
