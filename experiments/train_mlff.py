@@ -23,7 +23,7 @@ from pathlib import Path
 
 from matjax.config import MLFFConfig, MLFFTrainConfig
 from matjax.data.batching import budget_for
-from matjax.data.forcefield import load_forcefield, mlearn_groups
+from matjax.data.forcefield import load_forcefield, structure_groups
 from matjax.models.mlff import MODELS
 from matjax.train.forcefield import (
     ensemble_metrics, errors_by_group, evaluate, load_force_field, load_run_config, make_eval_step, plot_parity, scalar_metrics, train,
@@ -57,9 +57,7 @@ def group_figures(cfg: MLFFTrainConfig, metrics: dict, data) -> dict:
     """{"by_group": errors per structure group} for mlearn test sets, else {}."""
     if not cfg.dataset.startswith("mlearn-"):
         return {}
-    groups = mlearn_groups(cfg.dataset.split("-", 1)[1], "test")
-    # ids end in the entry's index in the file, so skipped entries cannot shift the groups
-    return {"by_group": errors_by_group(metrics, [groups[int(i.rsplit("-", 1)[1])] for i in data.ids], data.n_atoms)}
+    return {"by_group": errors_by_group(metrics, structure_groups(data.ids), data.n_atoms)}
 
 
 # wall_time_s: this invocation; train_s: training time summed over the resumed sessions of the run.
@@ -96,6 +94,8 @@ def main() -> None:
     parser.add_argument("--ema-decay", type=float, help="decay of the parameter average that is evaluated")
     parser.add_argument("--final-stage-epochs", type=int, help="last epochs trained with --final-energy-weight")
     parser.add_argument("--final-energy-weight", type=float, help="energy weight of the final stage")
+    parser.add_argument("--group-energy-weights", metavar="GROUP=W,...",
+                        help="multiply the energy loss of these mlearn structure groups, e.g. Surface=10,Vacancy=3")
     parser.add_argument("--seed", type=int, help="initialisation and shuffling seed (ensemble members differ in it)")
     parser.add_argument("--out", type=Path, help="run folder; default runs/mlff-<config>-<dataset>-<model>")
     parser.add_argument("--record", type=Path, help="merge the test figures into this results JSON")
@@ -109,7 +109,7 @@ def main() -> None:
                  "learning_rate": args.learning_rate, "energy_weight": args.energy_weight, "force_weight": args.force_weight,
                  "stress_weight": args.stress_weight, "weight_decay": args.weight_decay, "ema_decay": args.ema_decay,
                  "final_stage_epochs": args.final_stage_epochs, "final_energy_weight": args.final_energy_weight,
-                 "seed": args.seed}
+                 "group_energy_weights": args.group_energy_weights, "seed": args.seed}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     model_cfg = dataclasses.replace(model_cfg, model=args.model or model_cfg.model)
     run_dir = args.out or Path("runs") / f"mlff-{args.config}-{cfg.dataset}-{model_cfg.model}"

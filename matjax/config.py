@@ -93,6 +93,11 @@ class MLFFTrainConfig:
     ``final_energy_weight`` instead of ``energy_weight``, at the low learning rate of the
     cosine's tail, where the force error has levelled off and the energies still improve;
     the best checkpoint is then chosen among the final stage's evaluations (0: no final stage).
+
+    group_energy_weights, e.g. "Surface=10,Vacancy=3": multiplies the energy term of the
+    training structures of those groups (mlearn's structure groups), as GAP fits give each
+    configuration type its own energy tolerance: a few surfaces among hundreds of bulk
+    frames otherwise barely move the per-atom energy loss ("": all structures alike).
     """
 
     dataset: str = "emt"
@@ -112,6 +117,7 @@ class MLFFTrainConfig:
     time_budget_s: float | None = None
     final_stage_epochs: int = 0
     final_energy_weight: float = 1000.0
+    group_energy_weights: str = ""
     seed: int = 0
 
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from matjax.data.forcefield import (
-    KBAR, MLEARN_VOIGT, Frame, build_dataset, emt_frames, load_forcefield, mlearn_groups, mlearn_stress, read_extxyz,
+    KBAR, MLEARN_VOIGT, Frame, build_dataset, emt_frames, load_forcefield, mlearn_groups, mlearn_stress,
+    structure_groups, read_extxyz,
     read_mlearn, voigt_to_tensor,
 )
 from matjax.data.sources import shared_data_dir
@@ -97,6 +98,9 @@ def test_mlearn_groups_follow_the_reader_order():
     groups = mlearn_groups("Mo", "test", DATA)
     assert len(groups) == len(read_mlearn("Mo", "test", DATA)[0])
     assert {g: groups.count(g) for g in set(groups)} == {"AIMD-NVT": 12, "Elastic": 6, "Vacancy": 3, "Surface": 2}
+    # By id, as training and the test report find them: the index in the file, not the position.
+    ids = ["mlearn-Mo-test-22", "emt-3", "mlearn-Mo-test-0"]
+    assert structure_groups(ids, DATA).tolist() == [groups[22], "", groups[0]]
 
 
 @needs_data

@@ -153,6 +153,32 @@ def test_final_stage_trains_with_its_energy_weight_and_selects_among_its_epochs(
     assert int(best.epoch) >= 2
 
 
+def test_group_energy_weights_scale_each_structures_energy_term(splits, straight_run, tmp_path):
+    groups = np.array(["bulk", "Surface", "bulk", "Vacancy"])
+    np.testing.assert_array_equal(tf.energy_weights("Surface=10,Vacancy=0.5", groups), [1, 10, 1, 0.5])
+    np.testing.assert_array_equal(tf.energy_weights("", groups), np.ones(4))
+    with pytest.raises(ValueError, match="'Surfaces'.*'Surface', 'Vacancy', 'bulk'"):
+        tf.energy_weights("Surfaces=10", groups)
+    with pytest.raises(ValueError, match="'Surface=ten' is not Group=weight"):
+        tf.energy_weights("Surface=ten", groups)
+    # Energy-only loss: a structure's weight multiplies its own squared error and nothing else.
+    data, best = splits["train"], straight_run[1]
+    budget = tf.budget_for(data.graphs, 4)
+    model = tf.create_model(dataclasses.replace(MODEL, avg_neighbors=round(tf.data_statistics(data)["avg_neighbors"], 3)))
+    cfg = dataclasses.replace(TRAIN, energy_weight=1.0, force_weight=0.0)
+
+    def loss(weights):
+        batch = tf.make_batch(data, [0, 1, 2], budget, np.zeros(119), weights)
+        return tf.loss_fn(best.params, best.constants, model, batch, cfg)
+
+    plain, err = loss(None)
+    heavier, _ = loss(np.array([1.0, 4.0, 1.0] + [1.0] * (len(data) - 3), np.float32))
+    e1 = float(err["energy"][1])
+    assert e1 != 0 and float(heavier) - float(plain) == pytest.approx(3 * e1**2 / 3, rel=1e-4)
+    with pytest.raises(ValueError, match="'Surface'"):  # the EMT set has no groups
+        tf.train(MODEL, dataclasses.replace(TRAIN, group_energy_weights="Surface=10"), splits, tmp_path / "run")
+
+
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 def test_weight_decay_shrinks_parameters_only_when_set(weight_decay):
     """With zero gradients Adam leaves parameters alone; AdamW's decoupled decay shrinks them by lr * wd."""

@@ -106,6 +106,22 @@ def mlearn_groups(element: str, split: str = "training", data_dir=None) -> list[
     return [entry["group"] for entry in _mlearn_entries(element, split, data_dir)]
 
 
+def structure_groups(ids, data_dir=None) -> np.ndarray:
+    """[M] the mlearn group of each structure id ("mlearn-<element>-<split>-<index>", as
+    ``read_mlearn`` names them), "" for structures of other sources."""
+    groups = {}
+    labels = []
+    for structure_id in ids:
+        source, *key, index = str(structure_id).split("-")
+        if source != "mlearn" or len(key) != 2:
+            labels.append("")
+            continue
+        if tuple(key) not in groups:
+            groups[tuple(key)] = mlearn_groups(*key, data_dir)
+        labels.append(groups[tuple(key)][int(index)])
+    return np.array(labels, dtype=str)
+
+
 def read_mlearn(element: str, split: str = "training", data_dir=None) -> tuple[list[str], list[Frame]]:
     """mlearn ``{element}/{split}.json.gz`` (split "training" or "test") as frames."""
     ids, frames = [], []

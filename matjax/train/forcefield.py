@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from matjax.config import MLFFConfig, MLFFTrainConfig
 from matjax.data.batching import Budget, batch_indices, budget_for, graphs_tuple
-from matjax.data.forcefield import ForceFieldData
+from matjax.data.forcefield import ForceFieldData, structure_groups
 from matjax.data.graphs import take
 from matjax.geometry.periodic import node_graph_index
 from matjax.models.mlff import MAX_Z, create_model, graph_energy_fn
@@ -81,11 +81,33 @@ def reference_sums(data: ForceFieldData, reference: np.ndarray) -> np.ndarray:
     return np.bincount(np.repeat(np.arange(len(data)), data.n_atoms), reference[data.graphs.species], len(data))
 
 
-def make_batch(data: ForceFieldData, indices, budget: Budget, reference: np.ndarray) -> dict:
-    """Padded batch of structures ``indices``: {"graph": GraphsTuple, "forces": [n_node, 3]}.
+def energy_weights(spec: str, groups) -> np.ndarray:
+    """[M] multipliers of each structure's energy loss from "Group=w,..." (1 elsewhere).
+
+    groups: [M] the structures' group labels (``structure_groups``); a group the spec
+    names that no structure has is an error, so a typo cannot silently weigh nothing.
+    """
+    groups = np.asarray(groups)
+    weights = np.ones(len(groups), np.float32)
+    for item in filter(None, spec.split(",")):
+        name, _, value = item.partition("=")
+        if name not in groups:
+            raise ValueError(f"group_energy_weights names group {name!r}, but the training structures' "
+                             f"groups are {sorted(set(groups.tolist()))}")
+        try:
+            weights[groups == name] = float(value)
+        except ValueError:
+            raise ValueError(f"group_energy_weights: {item!r} is not Group=weight") from None
+    return weights
+
+
+def make_batch(data: ForceFieldData, indices, budget: Budget, reference: np.ndarray, weights=None) -> dict:
+    """Padded batch of structures ``indices``: {"graph": GraphsTuple, "forces": [n_node, 3],
+    "energy_weight": [n_graph]}.
 
     graph.globals["targets"] is [n_graph, 10]: energy minus the reference sum (eV, taken
-    in float64), then the 3x3 stress (NaN if absent).
+    in float64), then the 3x3 stress (NaN if absent). weights: [M] multipliers of each
+    structure's energy loss (``energy_weights``; None: 1).
     """
     indices = np.asarray(indices)
     sub = data.subset(indices)
@@ -94,7 +116,9 @@ def make_batch(data: ForceFieldData, indices, budget: Budget, reference: np.ndar
     graph = graphs_tuple(take(data.graphs, indices), budget, targets)
     forces = np.zeros((budget.n_node, 3), np.float32)
     forces[: len(sub.forces)] = sub.forces
-    return {"graph": graph, "forces": forces}
+    energy_weight = np.zeros(budget.n_graph, np.float32)
+    energy_weight[: len(indices)] = 1.0 if weights is None else weights[indices]
+    return {"graph": graph, "forces": forces, "energy_weight": energy_weight}
 
 
 def predict(model: nn.Module, variables, graph: jraph.GraphsTuple, stress: bool = False):
@@ -137,12 +161,13 @@ def batch_errors(model: nn.Module, variables, batch: dict, stress: bool):
 
 
 def loss_fn(params, constants, model, batch, cfg: MLFFTrainConfig):
-    """Weighted MSE of per-atom energy, force components and stress; (loss, errors)."""
+    """Weighted MSE of per-atom energy (each structure's times its ``energy_weight``), force
+    components and stress; (loss, errors)."""
     stress = cfg.stress_weight > 0
     err = batch_errors(model, {"params": params, "constants": constants}, batch, stress)
     n_graph = jnp.maximum(err["graph_mask"].sum(), 1)
     n_node = jnp.maximum(err["node_mask"].sum(), 1)
-    loss = cfg.energy_weight * jnp.sum(err["energy"] ** 2) / n_graph
+    loss = cfg.energy_weight * jnp.sum(batch["energy_weight"] * err["energy"] ** 2) / n_graph
     loss += cfg.force_weight * jnp.sum(err["forces"] ** 2) / (3 * n_node)
     if stress:
         loss += cfg.stress_weight * jnp.sum(err["stress"] ** 2) / (9 * jnp.maximum(err["stress_mask"].sum(), 1))
@@ -348,6 +373,7 @@ def train(model_cfg: MLFFConfig, cfg: MLFFTrainConfig, splits: dict[str, ForceFi
     optimizer = create_optimizer(cfg, steps_per_epoch)
     # Round once: the stored float32 constants and the host-side residuals must agree.
     reference = fit_reference_energies(train_data).astype(np.float32).astype(np.float64)
+    weights = energy_weights(cfg.group_energy_weights, structure_groups(train_data.ids)) if cfg.group_energy_weights else None
     constants = {"_Constants_0": {
         "reference": jnp.asarray(reference, jnp.float32), "scale": jnp.asarray(stats["force_rms"], jnp.float32),
     }}
@@ -371,7 +397,7 @@ def train(model_cfg: MLFFConfig, cfg: MLFFTrainConfig, splits: dict[str, ForceFi
         train_step = make_train_step(model_cfg, stage_cfg, steps_per_epoch)
         losses = []
         for idx in batch_indices(train_data.graphs, budget, rng.permutation(len(train_data))):
-            state, loss = train_step(state, make_batch(train_data, idx, budget, reference))
+            state, loss = train_step(state, make_batch(train_data, idx, budget, reference, weights))
             losses.append(loss)
         train_loss = float(np.mean(jax.device_get(losses)))
         if not math.isfinite(train_loss):
