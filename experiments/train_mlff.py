@@ -96,6 +96,8 @@ def main() -> None:
     parser.add_argument("--final-energy-weight", type=float, help="energy weight of the final stage")
     parser.add_argument("--group-energy-weights", metavar="GROUP=W,...",
                         help="multiply the energy loss of these mlearn structure groups, e.g. Surface=10,Vacancy=3")
+    parser.add_argument("--no-holdout", action="store_true",
+                        help="train on the validation structures too; the last evaluated model is kept")
     parser.add_argument("--seed", type=int, help="initialisation and shuffling seed (ensemble members differ in it)")
     parser.add_argument("--out", type=Path, help="run folder; default runs/mlff-<config>-<dataset>-<model>")
     parser.add_argument("--record", type=Path, help="merge the test figures into this results JSON")
@@ -109,13 +111,14 @@ def main() -> None:
                  "learning_rate": args.learning_rate, "energy_weight": args.energy_weight, "force_weight": args.force_weight,
                  "stress_weight": args.stress_weight, "weight_decay": args.weight_decay, "ema_decay": args.ema_decay,
                  "final_stage_epochs": args.final_stage_epochs, "final_energy_weight": args.final_energy_weight,
-                 "group_energy_weights": args.group_energy_weights, "seed": args.seed}
+                 "group_energy_weights": args.group_energy_weights, "seed": args.seed,
+                 "holdout": False if args.no_holdout else None}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     model_cfg = dataclasses.replace(model_cfg, model=args.model or model_cfg.model)
     run_dir = args.out or Path("runs") / f"mlff-{args.config}-{cfg.dataset}-{model_cfg.model}"
 
     start = time.perf_counter()
-    splits = load_forcefield(cfg.dataset, model_cfg.cutoff, n_frames=cfg.n_frames)
+    splits = load_forcefield(cfg.dataset, model_cfg.cutoff, n_frames=cfg.n_frames, holdout=cfg.holdout)
     print({k: len(v) for k, v in splits.items()}, "structures")
     model, best, history = train(model_cfg, cfg, splits, run_dir)
     budget = budget_for(splits["train"].graphs, cfg.batch_size)

@@ -98,6 +98,9 @@ class MLFFTrainConfig:
     training structures of those groups (mlearn's structure groups), as GAP fits give each
     configuration type its own energy tolerance: a few surfaces among hundreds of bulk
     frames otherwise barely move the per-atom energy loss ("": all structures alike).
+
+    holdout=False trains on the validation structures too (``load_forcefield``): the model
+    of the last evaluation is then the one kept, as validation can no longer select.
     """
 
     dataset: str = "emt"
@@ -118,6 +121,7 @@ class MLFFTrainConfig:
     final_stage_epochs: int = 0
     final_energy_weight: float = 1000.0
     group_energy_weights: str = ""
+    holdout: bool = True
     seed: int = 0
 
 

@@ -179,6 +179,29 @@ def test_group_energy_weights_scale_each_structures_energy_term(splits, straight
         tf.train(MODEL, dataclasses.replace(TRAIN, group_energy_weights="Surface=10"), splits, tmp_path / "run")
 
 
+@pytest.mark.parametrize("holdout", [True, False])
+def test_without_holdout_the_last_evaluation_is_kept(splits, tmp_path, monkeypatch, holdout):
+    epochs = _count_epochs(monkeypatch)
+    evaluate = tf.evaluate
+
+    def worsening(*args, **kwargs):  # validation gets worse every epoch
+        return evaluate(*args, **kwargs) | {"energy_mae_meV_per_atom": 1e3 * epochs["done"]}
+
+    monkeypatch.setattr(tf, "evaluate", worsening)
+    _, best, history = tf.train(MODEL, dataclasses.replace(TRAIN, holdout=holdout), splits, tmp_path / "run")
+    assert len(history) == 3 and int(best.epoch) == (1 if holdout else 3)
+
+
+def test_load_forcefield_without_holdout_trains_on_the_validation_structures_too():
+    from matjax.data.forcefield import load_forcefield
+
+    held, full = (load_forcefield("emt", MODEL.cutoff, n_frames=20, holdout=h) for h in (True, False))
+    assert sorted(full["train"].ids) == sorted([*held["train"].ids, *held["val"].ids])
+    assert list(full["val"].ids) == list(held["val"].ids) and list(full["test"].ids) == list(held["test"].ids)
+    with pytest.raises(ValueError, match="aspirin trains on 1000 frames"):
+        load_forcefield("aspirin", MODEL.cutoff, holdout=False)
+
+
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 def test_weight_decay_shrinks_parameters_only_when_set(weight_decay):
     """With zero gradients Adam leaves parameters alone; AdamW's decoupled decay shrinks them by lr * wd."""

@@ -319,23 +319,36 @@ def build_dataset(ids: Sequence[str], frames: Sequence[Frame], cutoff: float) ->
     )
 
 
-def _hold_out(data: ForceFieldData) -> tuple[ForceFieldData, ForceFieldData]:
-    """(train, val): one id-hash bucket in ten (10%) goes to validation, deterministically."""
+def _hold_out(data: ForceFieldData, holdout: bool = True) -> tuple[ForceFieldData, ForceFieldData]:
+    """(train, val): one id-hash bucket in ten (10%) goes to validation, deterministically;
+    without ``holdout`` train keeps them too (val then monitors the fit, it cannot select)."""
     val = np.array([hash_bucket(i) == 9 for i in data.ids])
-    return data.subset(np.flatnonzero(~val)), data.subset(np.flatnonzero(val))
+    return data.subset(np.flatnonzero(~val | (not holdout))), data.subset(np.flatnonzero(val))
 
 
-def _split_three(data: ForceFieldData) -> dict[str, ForceFieldData]:
-    """The project's hashed-id 80/10/10 train/val/test split."""
-    return {name: data.subset(idx) for name, idx in split_indices(data.ids).items()}
+def _split_three(data: ForceFieldData, holdout: bool = True) -> dict[str, ForceFieldData]:
+    """The project's hashed-id 80/10/10 train/val/test split (train + val to train without ``holdout``)."""
+    idx = split_indices(data.ids)
+    if not holdout:
+        idx["train"] = np.sort(np.concatenate([idx["train"], idx["val"]]))
+    return {name: data.subset(i) for name, i in idx.items()}
 
 
-def load_forcefield(name: str, cutoff: float, data_dir=None, n_frames: int = 300) -> dict[str, ForceFieldData]:
-    """{"train", "val", "test"} splits of a named force-field set (see the module docstring)."""
+def load_forcefield(name: str, cutoff: float, data_dir=None, n_frames: int = 300,
+                    holdout: bool = True) -> dict[str, ForceFieldData]:
+    """{"train", "val", "test"} splits of a named force-field set (see the module docstring).
+
+    holdout=False trains on the validation structures too, for the final model of a set
+    whose rare structures (mlearn: 9-12 surfaces) a 10% hold-out would thin out; aspirin's
+    validation frames are not part of its 1000-frame training set, so it has no such option.
+    """
+    if name == "aspirin" and not holdout:
+        raise ValueError("aspirin trains on 1000 frames by definition; its validation frames are extra, "
+                         "so there is no hold-out to give up")
     root = None if name == "emt" else _root(data_dir)
     if name.startswith("mlearn-"):
         element = name.split("-", 1)[1]
-        train, val = _hold_out(build_dataset(*read_mlearn(element, "training", root), cutoff))
+        train, val = _hold_out(build_dataset(*read_mlearn(element, "training", root), cutoff), holdout)
         return {"train": train, "val": val, "test": build_dataset(*read_mlearn(element, "test", root), cutoff)}
     if name == "aspirin":
         folder = root / "ff_rmd17_aspirin"
@@ -343,12 +356,12 @@ def load_forcefield(name: str, cutoff: float, data_dir=None, n_frames: int = 300
         test = build_dataset(*read_extxyz(folder / "rmd17_aspirin_test.xyz.gz"), cutoff)
         return {"train": full.subset(np.arange(1000)), "val": full.subset(np.arange(1000, len(full))), "test": test}
     if name == "3bpa":
-        return _split_three(build_dataset(*read_extxyz(root / "ff_3bpa" / "3bpa_train_300K.xyz.gz"), cutoff))
+        return _split_three(build_dataset(*read_extxyz(root / "ff_3bpa" / "3bpa_train_300K.xyz.gz"), cutoff), holdout)
     if name == "water":
         systems = [root / "ff_water_deepmd" / f"data_{k}" for k in range(4)]
         frames = [read_deepmd(s) for s in systems[:3]]
-        train, val = _hold_out(build_dataset(sum((f[0] for f in frames), []), sum((f[1] for f in frames), []), cutoff))
+        train, val = _hold_out(build_dataset(sum((f[0] for f in frames), []), sum((f[1] for f in frames), []), cutoff), holdout)
         return {"train": train, "val": val, "test": build_dataset(*read_deepmd(systems[3]), cutoff)}
     if name == "emt":
-        return _split_three(build_dataset(*emt_frames(n_frames), cutoff))
+        return _split_three(build_dataset(*emt_frames(n_frames), cutoff), holdout)
     raise ValueError(f"unknown force-field data set {name!r}; choose mlearn-<Si|Ge|Li|Mo>, aspirin, 3bpa, water or emt")

@@ -356,7 +356,7 @@ def train(model_cfg: MLFFConfig, cfg: MLFFTrainConfig, splits: dict[str, ForceFi
     Reference energies, the energy scale and ``avg_neighbors`` come from the training
     split. Each evaluation saves the latest state and, if the validation loss (with the
     loss weights in force) improved, the best - the first evaluation of a final stage
-    (``cfg.final_stage_epochs``) always does; a non-finite loss stops the run with FloatingPointError and the last good
+    (``cfg.final_stage_epochs``) always does, and without ``cfg.holdout`` every one does; a non-finite loss stops the run with FloatingPointError and the last good
     checkpoints intact. A run restarted with the same ``run_dir`` resumes at its latest
     checkpoint and reshuffles exactly as the uninterrupted run would have. With
     ``cfg.time_budget_s`` the run stops (evaluated and saved) after the first epoch that
@@ -415,7 +415,7 @@ def train(model_cfg: MLFFConfig, cfg: MLFFTrainConfig, splits: dict[str, ForceFi
                         + stage_cfg.force_weight * val["force_mae_eV_per_A"] ** 2)
             record = {"epoch": epoch + 1, "stage": stage, "energy_weight": stage_cfg.energy_weight, "train_loss": train_loss, "train_s": round(train_s, 1), **{f"val_{k}": v for k, v in val.items()}}
             checkpointer.save("latest", int(state.step), state, {"train_s": train_s})
-            if (-stage, val_loss) < best_key:
+            if (-stage, val_loss) < best_key or not cfg.holdout:
                 best_key = (-stage, val_loss)
                 checkpointer.save("best", int(state.step), state, {"val_loss": val_loss, "epoch": epoch + 1, "stage": stage})
             with history_path.open("a") as f:
