@@ -64,8 +64,8 @@ def test_train_mlff_an_ensemble_then_run_md(tmp_path):
     assert metrics["force_mae_eV_per_A"] > 0 and (tmp_path / "ff" / "parity.png").stat().st_size > 1000
     assert 0 < metrics["train_s"] < metrics["wall_time_s"]
     run_experiment("train_mlff.py", tmp_path / "ff1", "--seed", "1", "--energy-weight", "2", "--force-weight", "20",
-                   "--learning-rate", "0.002")
-    overridden = {"seed": 1, "energy_weight": 2.0, "force_weight": 20.0, "learning_rate": 0.002}
+                   "--learning-rate", "0.002", "--no-holdout")
+    overridden = {"seed": 1, "energy_weight": 2.0, "force_weight": 20.0, "learning_rate": 0.002, "holdout": False}
     assert {k: json.loads((tmp_path / "ff1" / "config.json").read_text())["train"][k] for k in overridden} == overridden
     run_experiment("train_mlff.py", tmp_path / "ens", "--ensemble", str(tmp_path / "ff"), str(tmp_path / "ff1"),
                    "--record", str(tmp_path / "results.json"))
