@@ -67,7 +67,8 @@ RUN_KEYS = ("epochs_run", "epochs_planned", "best_epoch", "wall_time_s", "train_
 def record(path: Path, cfg: MLFFTrainConfig, model: str, figures: dict, run_keys=RUN_KEYS) -> None:
     """Merge the test figures into a results JSON (mlearn: one entry per element)."""
     results = json.loads(path.read_text()) if path.exists() else {}
-    run = {k: figures[k] for k in run_keys} | {"model": model}
+    # holdout False: trained on the validation structures too (the last evaluation kept)
+    run = {k: figures[k] for k in run_keys} | {"model": model, "holdout": cfg.holdout}
     if cfg.dataset.startswith("mlearn-"):
         results[cfg.dataset.split("-", 1)[1]] = {
             k: figures[k] for k in ("energy_mae_meV_per_atom", "force_mae_eV_per_A", "stress_mae_GPa")
