@@ -323,7 +323,8 @@ def _hold_out(data: ForceFieldData, holdout: bool = True) -> tuple[ForceFieldDat
     """(train, val): one id-hash bucket in ten (10%) goes to validation, deterministically;
     without ``holdout`` train keeps them too (val then monitors the fit, it cannot select)."""
     val = np.array([hash_bucket(i) == 9 for i in data.ids])
-    return data.subset(np.flatnonzero(~val | (not holdout))), data.subset(np.flatnonzero(val))
+    train = ~val if holdout else np.ones_like(val)
+    return data.subset(np.flatnonzero(train)), data.subset(np.flatnonzero(val))
 
 
 def _split_three(data: ForceFieldData, holdout: bool = True) -> dict[str, ForceFieldData]:
