@@ -85,6 +85,8 @@ def main() -> None:
     parser.add_argument("--config", choices=sorted(CONFIGS), default="default")
     parser.add_argument("--dataset", help="emt, mlearn-<Si|Ge|Li|Mo>, aspirin, 3bpa or water")
     parser.add_argument("--model", choices=sorted(MODELS))
+    parser.add_argument("--interactions", type=int, help="interaction blocks (message-passing depth) of the model")
+    parser.add_argument("--cutoff", type=float, help="neighbour radius (Angstrom) of the model")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--time-budget", type=float, help="seconds of training after which the run stops")
     parser.add_argument("--learning-rate", type=float, help="peak learning rate of the warm-up + cosine schedule")
@@ -115,7 +117,8 @@ def main() -> None:
                  "group_energy_weights": args.group_energy_weights, "seed": args.seed,
                  "holdout": False if args.no_holdout else None}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
-    model_cfg = dataclasses.replace(model_cfg, model=args.model or model_cfg.model)
+    model_overrides = {"model": args.model, "num_interactions": args.interactions, "cutoff": args.cutoff}
+    model_cfg = dataclasses.replace(model_cfg, **{k: v for k, v in model_overrides.items() if v is not None})
     run_dir = args.out or Path("runs") / f"mlff-{args.config}-{cfg.dataset}-{model_cfg.model}"
 
     start = time.perf_counter()

@@ -12,11 +12,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_experiment(script: str, out: Path, *extra: str) -> None:
+def run_experiment(script: str, out: Path, *extra: str, returncode: int = 0) -> str:
+    """Run the experiment's ``test`` config; its stderr."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg"}
     cmd = [sys.executable, str(ROOT / "experiments" / script), "--config", "test", "--out", str(out), *extra]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == returncode, done.stderr[-3000:]
+    return done.stderr
 
 
 def test_emt_dataset(tmp_path, cache_dir):
@@ -64,9 +66,16 @@ def test_train_mlff_an_ensemble_then_run_md(tmp_path):
     assert metrics["force_mae_eV_per_A"] > 0 and (tmp_path / "ff" / "parity.png").stat().st_size > 1000
     assert 0 < metrics["train_s"] < metrics["wall_time_s"]
     run_experiment("train_mlff.py", tmp_path / "ff1", "--seed", "1", "--energy-weight", "2", "--force-weight", "20",
-                   "--learning-rate", "0.002", "--no-holdout")
+                   "--learning-rate", "0.002", "--no-holdout", "--interactions", "2")
     overridden = {"seed": 1, "energy_weight": 2.0, "force_weight": 20.0, "learning_rate": 0.002, "holdout": False}
-    assert {k: json.loads((tmp_path / "ff1" / "config.json").read_text())["train"][k] for k in overridden} == overridden
+    config = json.loads((tmp_path / "ff1" / "config.json").read_text())
+    assert {k: config["train"][k] for k in overridden} == overridden and config["model"]["num_interactions"] == 2
+    run_experiment("train_mlff.py", tmp_path / "ff2", "--cutoff", "4.5", "--epochs", "1")
+    assert json.loads((tmp_path / "ff2" / "config.json").read_text())["model"]["cutoff"] == 4.5
+    # Members see their neighbours within their own cutoff: one test set cannot serve both.
+    stderr = run_experiment("train_mlff.py", tmp_path / "bad", "--ensemble", str(tmp_path / "ff"), str(tmp_path / "ff2"),
+                            returncode=1)
+    assert "must share dataset and cutoff" in stderr
     run_experiment("train_mlff.py", tmp_path / "ens", "--ensemble", str(tmp_path / "ff"), str(tmp_path / "ff1"),
                    "--record", str(tmp_path / "results.json"))
     tested = json.loads((tmp_path / "ens" / "test_metrics.json").read_text())
