@@ -61,7 +61,7 @@ def group_figures(cfg: MLFFTrainConfig, metrics: dict, data) -> dict:
 
 
 # wall_time_s: this invocation; train_s: training time summed over the resumed sessions of the run.
-RUN_KEYS = ("epochs_run", "epochs_planned", "best_epoch", "wall_time_s", "train_s")
+RUN_KEYS = ("interactions", "epochs_run", "epochs_planned", "best_epoch", "wall_time_s", "train_s")
 
 
 def record(path: Path, cfg: MLFFTrainConfig, model: str, figures: dict, run_keys=RUN_KEYS) -> None:
@@ -130,7 +130,7 @@ def main() -> None:
                     best.variables(), splits["test"], budget)
     figures = scalar_metrics(test) | {
         "wall_time_s": round(time.perf_counter() - start, 1), "train_s": history[-1]["train_s"] if history else 0.0,
-        "epochs_planned": cfg.epochs,
+        "epochs_planned": cfg.epochs, "interactions": model_cfg.num_interactions,
         "epochs_run": history[-1]["epoch"] if history else 0, "best_epoch": int(best.epoch),
     } | group_figures(cfg, test, splits["test"])
     (run_dir / "test_metrics.json").write_text(json.dumps(figures, indent=2) + "\n")
@@ -156,7 +156,8 @@ def evaluate_ensemble(runs: list[Path], out: Path, record_path: Path | None) -> 
         print(run, json.dumps(scalar_metrics(members[-1])))
     ensemble = ensemble_metrics(members, splits["test"])
     figures = scalar_metrics(ensemble) | group_figures(cfg, ensemble, splits["test"]) | {
-        "members": [str(r) for r in runs], "wall_time_s": round(time.perf_counter() - start, 1)}
+        "members": [str(r) for r in runs], "interactions": [m.num_interactions for m, _ in configs],
+        "wall_time_s": round(time.perf_counter() - start, 1)}
     out.mkdir(parents=True, exist_ok=True)
     (out / "test_metrics.json").write_text(json.dumps(
         {"ensemble": figures, "members": {str(r): scalar_metrics(m) for r, m in zip(runs, members)}}, indent=2) + "\n")
@@ -164,7 +165,7 @@ def evaluate_ensemble(runs: list[Path], out: Path, record_path: Path | None) -> 
     plot_parity(ensemble, out / "parity.png", f"{cfg.dataset} test, {name}")
     print(json.dumps(figures))
     if record_path:
-        record(record_path, cfg, name, figures, run_keys=("members", "wall_time_s"))
+        record(record_path, cfg, name, figures, run_keys=("members", "interactions", "wall_time_s"))
 
 
 if __name__ == "__main__":

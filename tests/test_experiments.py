@@ -64,7 +64,7 @@ def test_train_mlff_an_ensemble_then_run_md(tmp_path):
     run_experiment("train_mlff.py", tmp_path / "ff")
     metrics = json.loads((tmp_path / "ff" / "test_metrics.json").read_text())
     assert metrics["force_mae_eV_per_A"] > 0 and (tmp_path / "ff" / "parity.png").stat().st_size > 1000
-    assert 0 < metrics["train_s"] < metrics["wall_time_s"]
+    assert 0 < metrics["train_s"] < metrics["wall_time_s"] and metrics["interactions"] == 1
     run_experiment("train_mlff.py", tmp_path / "ff1", "--seed", "1", "--energy-weight", "2", "--force-weight", "20",
                    "--learning-rate", "0.002", "--no-holdout", "--interactions", "2")
     overridden = {"seed": 1, "energy_weight": 2.0, "force_weight": 20.0, "learning_rate": 0.002, "holdout": False}
@@ -83,7 +83,8 @@ def test_train_mlff_an_ensemble_then_run_md(tmp_path):
     assert tested["members"][str(tmp_path / "ff")]["force_mae_eV_per_A"] == pytest.approx(metrics["force_mae_eV_per_A"])
     for key in ("energy_mae_meV_per_atom", "force_mae_eV_per_A"):  # |mean error| <= mean |error|
         assert tested["ensemble"][key] <= np.mean([m[key] for m in members]) * (1 + 1e-6)  # float32 rounding
-    assert json.loads((tmp_path / "results.json").read_text())["model"] == "invariant ensemble of 2"
+    recorded = json.loads((tmp_path / "results.json").read_text())
+    assert recorded["model"] == "invariant ensemble of 2" and recorded["interactions"] == [1, 2]
     run_experiment("run_md.py", tmp_path / "md", "--model-dir", str(tmp_path / "ff"))
     summary = json.loads((tmp_path / "md" / "summary.json").read_text())
     assert summary["stopped"] is None and abs(summary["drift_meV_per_atom_per_ps"]) < 10
