@@ -80,6 +80,11 @@ def record(path: Path, cfg: MLFFTrainConfig, model: str, figures: dict, run_keys
     path.write_text(json.dumps(results, indent=2) + "\n")
 
 
+def with_overrides(config, overrides: dict):
+    """``config`` with the fields that the command line set (not None) replaced."""
+    return dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=sorted(CONFIGS), default="default")
@@ -116,9 +121,8 @@ def main() -> None:
                  "final_stage_epochs": args.final_stage_epochs, "final_energy_weight": args.final_energy_weight,
                  "group_energy_weights": args.group_energy_weights, "seed": args.seed,
                  "holdout": False if args.no_holdout else None}
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
-    model_overrides = {"model": args.model, "num_interactions": args.interactions, "cutoff": args.cutoff}
-    model_cfg = dataclasses.replace(model_cfg, **{k: v for k, v in model_overrides.items() if v is not None})
+    cfg = with_overrides(cfg, overrides)
+    model_cfg = with_overrides(model_cfg, {"model": args.model, "num_interactions": args.interactions, "cutoff": args.cutoff})
     run_dir = args.out or Path("runs") / f"mlff-{args.config}-{cfg.dataset}-{model_cfg.model}"
 
     start = time.perf_counter()
