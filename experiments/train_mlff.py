@@ -61,7 +61,7 @@ def group_figures(cfg: MLFFTrainConfig, metrics: dict, data) -> dict:
 
 
 # wall_time_s: this invocation; train_s: training time summed over the resumed sessions of the run.
-RUN_KEYS = ("interactions", "epochs_run", "epochs_planned", "best_epoch", "wall_time_s", "train_s")
+RUN_KEYS = ("interactions", "cutoff", "epochs_run", "epochs_planned", "best_epoch", "wall_time_s", "train_s")
 
 
 def record(path: Path, cfg: MLFFTrainConfig, model: str, figures: dict, run_keys=RUN_KEYS) -> None:
@@ -134,7 +134,7 @@ def main() -> None:
                     best.variables(), splits["test"], budget)
     figures = scalar_metrics(test) | {
         "wall_time_s": round(time.perf_counter() - start, 1), "train_s": history[-1]["train_s"] if history else 0.0,
-        "epochs_planned": cfg.epochs, "interactions": model_cfg.num_interactions,
+        "epochs_planned": cfg.epochs, "interactions": model_cfg.num_interactions, "cutoff": model_cfg.cutoff,
         "epochs_run": history[-1]["epoch"] if history else 0, "best_epoch": int(best.epoch),
     } | group_figures(cfg, test, splits["test"])
     (run_dir / "test_metrics.json").write_text(json.dumps(figures, indent=2) + "\n")
@@ -147,11 +147,13 @@ def main() -> None:
 def evaluate_ensemble(runs: list[Path], out: Path, record_path: Path | None) -> None:
     """Test each run's best checkpoint and the ensemble of their mean energy on their dataset."""
     configs = [load_run_config(run) for run in runs]
-    (model_cfg, cfg), models = configs[0], {c[0].model for c in configs}
-    if len({(c.dataset, c.n_frames, m.cutoff) for m, c in configs}) > 1:
-        raise ValueError(f"ensemble members must share dataset and cutoff: {[str(r) for r in runs]}")
+    cfg, models = configs[0][1], {m.model for m, _ in configs}
+    if len({(c.dataset, c.n_frames) for _, c in configs}) > 1:
+        raise ValueError(f"ensemble members must share a dataset: {[str(r) for r in runs]}")
+    cutoffs = [m.cutoff for m, _ in configs]
     start = time.perf_counter()
-    splits = load_forcefield(cfg.dataset, model_cfg.cutoff, n_frames=cfg.n_frames)
+    # Each model's envelope is zero beyond its own cutoff: graphs built at the largest serve every member.
+    splits = load_forcefield(cfg.dataset, max(cutoffs), n_frames=cfg.n_frames)
     budget = budget_for(splits["train"].graphs, cfg.batch_size)
     members = []
     for run in runs:
@@ -161,7 +163,7 @@ def evaluate_ensemble(runs: list[Path], out: Path, record_path: Path | None) -> 
     ensemble = ensemble_metrics(members, splits["test"])
     figures = scalar_metrics(ensemble) | group_figures(cfg, ensemble, splits["test"]) | {
         "members": [str(r) for r in runs], "interactions": [m.num_interactions for m, _ in configs],
-        "wall_time_s": round(time.perf_counter() - start, 1)}
+        "cutoff": cutoffs, "wall_time_s": round(time.perf_counter() - start, 1)}
     out.mkdir(parents=True, exist_ok=True)
     (out / "test_metrics.json").write_text(json.dumps(
         {"ensemble": figures, "members": {str(r): scalar_metrics(m) for r, m in zip(runs, members)}}, indent=2) + "\n")
@@ -169,7 +171,7 @@ def evaluate_ensemble(runs: list[Path], out: Path, record_path: Path | None) -> 
     plot_parity(ensemble, out / "parity.png", f"{cfg.dataset} test, {name}")
     print(json.dumps(figures))
     if record_path:
-        record(record_path, cfg, name, figures, run_keys=("members", "interactions", "wall_time_s"))
+        record(record_path, cfg, name, figures, run_keys=("members", "interactions", "cutoff", "wall_time_s"))
 
 
 if __name__ == "__main__":

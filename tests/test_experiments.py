@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -72,19 +73,24 @@ def test_train_mlff_an_ensemble_then_run_md(tmp_path):
     assert {k: config["train"][k] for k in overridden} == overridden and config["model"]["num_interactions"] == 2
     run_experiment("train_mlff.py", tmp_path / "ff2", "--cutoff", "4.5", "--epochs", "1")
     assert json.loads((tmp_path / "ff2" / "config.json").read_text())["model"]["cutoff"] == 4.5
-    # Members see their neighbours within their own cutoff: one test set cannot serve both.
-    stderr = run_experiment("train_mlff.py", tmp_path / "bad", "--ensemble", str(tmp_path / "ff"), str(tmp_path / "ff2"),
-                            returncode=1)
-    assert "must share dataset and cutoff" in stderr
-    run_experiment("train_mlff.py", tmp_path / "ens", "--ensemble", str(tmp_path / "ff"), str(tmp_path / "ff1"),
-                   "--record", str(tmp_path / "results.json"))
+    other = tmp_path / "other"  # the same run, relabelled as trained on another dataset
+    shutil.copytree(tmp_path / "ff2", other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps(config | {"train": config["train"] | {"dataset": "aspirin"}}))
+    stderr = run_experiment("train_mlff.py", tmp_path / "bad", "--ensemble", str(tmp_path / "ff"), str(other), returncode=1)
+    assert "must share a dataset" in stderr
+    runs = [str(tmp_path / name) for name in ("ff", "ff1", "ff2")]
+    run_experiment("train_mlff.py", tmp_path / "ens", "--ensemble", *runs, "--record", str(tmp_path / "results.json"))
     tested = json.loads((tmp_path / "ens" / "test_metrics.json").read_text())
     members = list(tested["members"].values())
-    assert tested["members"][str(tmp_path / "ff")]["force_mae_eV_per_A"] == pytest.approx(metrics["force_mae_eV_per_A"])
+    # The test graphs are built at the largest cutoff (5 A); ff2's neighbours beyond 4.5 A change nothing.
+    for run, alone in ((runs[0], metrics), (runs[2], json.loads((tmp_path / "ff2" / "test_metrics.json").read_text()))):
+        assert tested["members"][run]["force_mae_eV_per_A"] == pytest.approx(alone["force_mae_eV_per_A"], rel=1e-4)
     for key in ("energy_mae_meV_per_atom", "force_mae_eV_per_A"):  # |mean error| <= mean |error|
         assert tested["ensemble"][key] <= np.mean([m[key] for m in members]) * (1 + 1e-6)  # float32 rounding
     recorded = json.loads((tmp_path / "results.json").read_text())
-    assert recorded["model"] == "invariant ensemble of 2" and recorded["interactions"] == [1, 2]
+    assert recorded["model"] == "invariant ensemble of 3" and recorded["interactions"] == [1, 2, 1]
+    assert recorded["cutoff"] == [5.0, 5.0, 4.5]
     run_experiment("run_md.py", tmp_path / "md", "--model-dir", str(tmp_path / "ff"))
     summary = json.loads((tmp_path / "md" / "summary.json").read_text())
     assert summary["stopped"] is None and abs(summary["drift_meV_per_atom_per_ps"]) < 10

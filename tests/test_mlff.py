@@ -161,6 +161,19 @@ def test_mirror_images_have_the_same_energy(name):
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_neighbours_beyond_the_cutoff_change_nothing(name):
+    # Ensembles whose members differ in cutoff evaluate every member on graphs built at the largest.
+    model, variables = _variables(name)
+    species, frac, lattice = _structure()
+    own, wider = (_batch([build_graph(species, frac, lattice, cutoff=c)]) for c in (CUTOFF, CUTOFF + 1.5))
+    assert int(wider.n_edge[0]) > 2 * int(own.n_edge[0])
+    (e0, f0, s0), (e1, f1, s1) = _efs(model, variables, own), _efs(model, variables, wider)
+    np.testing.assert_allclose(e1[0], e0[0], rtol=1e-6)
+    np.testing.assert_allclose(f1[:4], f0[:4], atol=1e-5)
+    np.testing.assert_allclose(s1[0], s0[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_energy_is_extensive(name):
     model, variables = _variables(name)
     species, frac, lattice = _structure()
