@@ -10,7 +10,8 @@
 Writes <run>/config.json, checkpoints (best + latest; rerunning resumes), history.jsonl,
 test_metrics.json and parity.png. --record merges the test figures into a results JSON.
 --ensemble trains nothing: it tests the mean energy of trained runs of one dataset (members
-differ in --seed) and writes <out>/test_metrics.json (members and ensemble) and parity.png.
+may differ in --seed, --interactions and --cutoff) and writes <out>/test_metrics.json (members
+and ensemble) and parity.png.
 """
 
 from __future__ import annotations
