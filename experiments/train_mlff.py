@@ -62,7 +62,7 @@ def group_figures(cfg: MLFFTrainConfig, metrics: dict, data) -> dict:
 
 
 # wall_time_s: this invocation; train_s: training time summed over the resumed sessions of the run.
-RUN_KEYS = ("interactions", "cutoff", "epochs_run", "epochs_planned", "best_epoch", "wall_time_s", "train_s")
+RUN_KEYS = ("interactions", "cutoff", "features", "epochs_run", "epochs_planned", "best_epoch", "wall_time_s", "train_s")
 
 
 def record(path: Path, cfg: MLFFTrainConfig, model: str, figures: dict, run_keys=RUN_KEYS) -> None:
@@ -93,6 +93,7 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(MODELS))
     parser.add_argument("--interactions", type=int, help="interaction blocks (message-passing depth) of the model")
     parser.add_argument("--cutoff", type=float, help="neighbour radius (Angstrom) of the model")
+    parser.add_argument("--features", type=int, help="feature channels per atom (width) of the model")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--time-budget", type=float, help="seconds of training after which the run stops")
     parser.add_argument("--learning-rate", type=float, help="peak learning rate of the warm-up + cosine schedule")
@@ -123,7 +124,8 @@ def main() -> None:
                  "group_energy_weights": args.group_energy_weights, "seed": args.seed,
                  "holdout": False if args.no_holdout else None}
     cfg = with_overrides(cfg, overrides)
-    model_cfg = with_overrides(model_cfg, {"model": args.model, "num_interactions": args.interactions, "cutoff": args.cutoff})
+    model_cfg = with_overrides(model_cfg, {"model": args.model, "num_interactions": args.interactions, "cutoff": args.cutoff,
+                                            "features": args.features})
     run_dir = args.out or Path("runs") / f"mlff-{args.config}-{cfg.dataset}-{model_cfg.model}"
 
     start = time.perf_counter()
@@ -136,6 +138,7 @@ def main() -> None:
     figures = scalar_metrics(test) | {
         "wall_time_s": round(time.perf_counter() - start, 1), "train_s": history[-1]["train_s"] if history else 0.0,
         "epochs_planned": cfg.epochs, "interactions": model_cfg.num_interactions, "cutoff": model_cfg.cutoff,
+        "features": model_cfg.features,
         "epochs_run": history[-1]["epoch"] if history else 0, "best_epoch": int(best.epoch),
     } | group_figures(cfg, test, splits["test"])
     (run_dir / "test_metrics.json").write_text(json.dumps(figures, indent=2) + "\n")
@@ -164,7 +167,7 @@ def evaluate_ensemble(runs: list[Path], out: Path, record_path: Path | None) -> 
     ensemble = ensemble_metrics(members, splits["test"])
     figures = scalar_metrics(ensemble) | group_figures(cfg, ensemble, splits["test"]) | {
         "members": [str(r) for r in runs], "interactions": [m.num_interactions for m, _ in configs],
-        "cutoff": cutoffs, "wall_time_s": round(time.perf_counter() - start, 1)}
+        "cutoff": cutoffs, "features": [m.features for m, _ in configs], "wall_time_s": round(time.perf_counter() - start, 1)}
     out.mkdir(parents=True, exist_ok=True)
     (out / "test_metrics.json").write_text(json.dumps(
         {"ensemble": figures, "members": {str(r): scalar_metrics(m) for r, m in zip(runs, members)}}, indent=2) + "\n")
@@ -172,7 +175,7 @@ def evaluate_ensemble(runs: list[Path], out: Path, record_path: Path | None) -> 
     plot_parity(ensemble, out / "parity.png", f"{cfg.dataset} test, {name}")
     print(json.dumps(figures))
     if record_path:
-        record(record_path, cfg, name, figures, run_keys=("members", "interactions", "cutoff", "wall_time_s"))
+        record(record_path, cfg, name, figures, run_keys=("members", "interactions", "cutoff", "features", "wall_time_s"))
 
 
 if __name__ == "__main__":

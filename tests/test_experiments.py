@@ -67,10 +67,11 @@ def test_train_mlff_an_ensemble_then_run_md(tmp_path):
     assert metrics["force_mae_eV_per_A"] > 0 and (tmp_path / "ff" / "parity.png").stat().st_size > 1000
     assert 0 < metrics["train_s"] < metrics["wall_time_s"] and metrics["interactions"] == 1
     run_experiment("train_mlff.py", tmp_path / "ff1", "--seed", "1", "--energy-weight", "2", "--force-weight", "20",
-                   "--learning-rate", "0.002", "--no-holdout", "--interactions", "2")
+                   "--learning-rate", "0.002", "--no-holdout", "--interactions", "2", "--features", "8")
     overridden = {"seed": 1, "energy_weight": 2.0, "force_weight": 20.0, "learning_rate": 0.002, "holdout": False}
     config = json.loads((tmp_path / "ff1" / "config.json").read_text())
-    assert {k: config["train"][k] for k in overridden} == overridden and config["model"]["num_interactions"] == 2
+    assert {k: config["train"][k] for k in overridden} == overridden
+    assert config["model"]["num_interactions"] == 2 and config["model"]["features"] == 8
     run_experiment("train_mlff.py", tmp_path / "ff2", "--cutoff", "4.5", "--epochs", "1")
     assert json.loads((tmp_path / "ff2" / "config.json").read_text())["model"]["cutoff"] == 4.5
     other = tmp_path / "other"  # the same run, relabelled as trained on another dataset
@@ -90,7 +91,7 @@ def test_train_mlff_an_ensemble_then_run_md(tmp_path):
         assert tested["ensemble"][key] <= np.mean([m[key] for m in members]) * (1 + 1e-6)  # float32 rounding
     recorded = json.loads((tmp_path / "results.json").read_text())
     assert recorded["model"] == "invariant ensemble of 3" and recorded["interactions"] == [1, 2, 1]
-    assert recorded["cutoff"] == [5.0, 5.0, 4.5]
+    assert recorded["cutoff"] == [5.0, 5.0, 4.5] and recorded["features"] == [16, 8, 16]
     run_experiment("run_md.py", tmp_path / "md", "--model-dir", str(tmp_path / "ff"))
     summary = json.loads((tmp_path / "md" / "summary.json").read_text())
     assert summary["stopped"] is None and abs(summary["drift_meV_per_atom_per_ps"]) < 10
