@@ -99,6 +99,8 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, help="peak learning rate of the warm-up + cosine schedule")
     parser.add_argument("--energy-weight", type=float, help="weight of the per-atom energy MSE (eV) in the loss")
     parser.add_argument("--force-weight", type=float, help="weight of the force MSE (eV/A) in the loss")
+    parser.add_argument("--force-huber-delta", type=float,
+                        help="Huber force loss: squared error inside this |error| (eV/A), linear beyond (0: MSE)")
     parser.add_argument("--stress-weight", type=float, help="weight of the stress MSE (eV/A^3) in the loss")
     parser.add_argument("--weight-decay", type=float, help="AdamW decoupled weight decay")
     parser.add_argument("--ema-decay", type=float, help="decay of the parameter average that is evaluated")
@@ -119,6 +121,7 @@ def main() -> None:
     model_cfg, cfg = CONFIGS[args.config]
     overrides = {"dataset": args.dataset, "epochs": args.epochs, "time_budget_s": args.time_budget,
                  "learning_rate": args.learning_rate, "energy_weight": args.energy_weight, "force_weight": args.force_weight,
+                 "force_huber_delta": args.force_huber_delta,
                  "stress_weight": args.stress_weight, "weight_decay": args.weight_decay, "ema_decay": args.ema_decay,
                  "final_stage_epochs": args.final_stage_epochs, "final_energy_weight": args.final_energy_weight,
                  "group_energy_weights": args.group_energy_weights, "seed": args.seed,

@@ -83,6 +83,9 @@ class MLFFTrainConfig:
 
     Loss per batch = energy_weight * mean((dE / n_atoms)^2) + force_weight * mean(|dF|^2) / 3
     + stress_weight * mean(|d sigma|^2) / 9 (eV, Angstrom; stress only where labelled).
+    force_huber_delta > 0 replaces each force component's squared error x^2 by the Huber
+    form, x^2 for |x| <= delta and delta * (2|x| - delta) beyond (eV/A): the few atoms with
+    large errors (mlearn's 6000 K liquid) then pull no harder than the MAE they count for.
     Adam (AdamW, decoupled weight_decay, when that is > 0) with a linear warm-up then cosine
     decay to final_lr_fraction * learning_rate; gradients clipped to grad_clip (global norm);
     evaluation uses an exponential moving average of the parameters (ema_decay). Checkpoints
@@ -112,6 +115,7 @@ class MLFFTrainConfig:
     warmup_epochs: int = 2
     energy_weight: float = 1.0
     force_weight: float = 10.0
+    force_huber_delta: float = 0.0
     stress_weight: float = 0.0
     grad_clip: float = 10.0
     weight_decay: float = 0.0

@@ -67,8 +67,9 @@ def test_train_mlff_an_ensemble_then_run_md(tmp_path):
     assert metrics["force_mae_eV_per_A"] > 0 and (tmp_path / "ff" / "parity.png").stat().st_size > 1000
     assert 0 < metrics["train_s"] < metrics["wall_time_s"] and metrics["interactions"] == 1
     run_experiment("train_mlff.py", tmp_path / "ff1", "--seed", "1", "--energy-weight", "2", "--force-weight", "20",
-                   "--learning-rate", "0.002", "--no-holdout", "--interactions", "2", "--features", "8")
-    overridden = {"seed": 1, "energy_weight": 2.0, "force_weight": 20.0, "learning_rate": 0.002, "holdout": False}
+                   "--learning-rate", "0.002", "--no-holdout", "--interactions", "2", "--features", "8", "--force-huber-delta", "0.05")
+    overridden = {"seed": 1, "energy_weight": 2.0, "force_weight": 20.0, "learning_rate": 0.002, "holdout": False,
+                  "force_huber_delta": 0.05}
     config = json.loads((tmp_path / "ff1" / "config.json").read_text())
     assert {k: config["train"][k] for k in overridden} == overridden
     assert config["model"]["num_interactions"] == 2 and config["model"]["features"] == 8

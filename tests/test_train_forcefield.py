@@ -180,6 +180,30 @@ def test_group_energy_weights_scale_each_structures_energy_term(splits, straight
         tf.train(MODEL, dataclasses.replace(TRAIN, group_energy_weights="Surface=10"), splits, tmp_path / "run")
 
 
+def test_huber_force_loss_is_quadratic_inside_delta_and_linear_beyond(splits, straight_run):
+    x = np.array([-0.3, -0.05, 0.0, 0.02, 0.05, 0.2])
+    np.testing.assert_allclose(tf.squared_or_huber(x, 0.0), x**2)
+    np.testing.assert_allclose(tf.squared_or_huber(x, 0.05), [0.05 * 0.55, 0.0025, 0, 0.0004, 0.0025, 0.05 * 0.35], rtol=1e-6)
+    slope = jax.vmap(jax.grad(lambda v: tf.squared_or_huber(v, 0.05)))(x)
+    np.testing.assert_allclose(slope, [-0.1, -0.1, 0, 0.04, 0.1, 0.1], rtol=1e-6)  # continuous, capped at 2 delta
+    # Force-only loss: the Huber mean of the same force errors, below the MSE once errors pass delta.
+    data, best = splits["train"], straight_run[1]
+    model = tf.create_model(dataclasses.replace(MODEL, avg_neighbors=round(tf.data_statistics(data)["avg_neighbors"], 3)))
+    batch = tf.make_batch(data, [0, 1, 2], tf.budget_for(data.graphs, 4), np.zeros(119))
+
+    def force_loss(delta):
+        cfg = dataclasses.replace(TRAIN, energy_weight=0.0, force_weight=1.0, force_huber_delta=delta)
+        return tf.loss_fn(best.params, best.constants, model, batch, cfg)
+
+    mse, err = force_loss(0.0)
+    n = 3 * int(err["node_mask"].sum())
+    delta = float(np.median(np.abs(err["forces"][err["node_mask"]])))
+    huber, _ = force_loss(delta)
+    assert float(huber) == pytest.approx(float(np.sum(tf.squared_or_huber(np.asarray(err["forces"]), delta))) / n, rel=1e-5)
+    assert float(mse) == pytest.approx(float(np.sum(np.asarray(err["forces"]) ** 2)) / n, rel=1e-5)
+    assert float(huber) < 0.9 * float(mse)
+
+
 @pytest.mark.parametrize("holdout", [True, False])
 def test_without_holdout_the_last_evaluation_is_kept(splits, tmp_path, monkeypatch, holdout):
     epochs = _count_epochs(monkeypatch)

@@ -160,15 +160,23 @@ def batch_errors(model: nn.Module, variables, batch: dict, stress: bool):
     return errors
 
 
+def squared_or_huber(x: jnp.ndarray, delta: float) -> jnp.ndarray:
+    """x^2 elementwise (delta 0), else Huber's x^2 inside |x| <= delta, delta * (2|x| - delta) outside."""
+    if delta <= 0:
+        return x**2
+    a = jnp.abs(x)
+    return jnp.where(a <= delta, x**2, delta * (2 * a - delta))
+
+
 def loss_fn(params, constants, model, batch, cfg: MLFFTrainConfig):
     """Weighted MSE of per-atom energy (each structure's times its ``energy_weight``), force
-    components and stress; (loss, errors)."""
+    components (Huber with ``cfg.force_huber_delta``) and stress; (loss, errors)."""
     stress = cfg.stress_weight > 0
     err = batch_errors(model, {"params": params, "constants": constants}, batch, stress)
     n_graph = jnp.maximum(err["graph_mask"].sum(), 1)
     n_node = jnp.maximum(err["node_mask"].sum(), 1)
     loss = cfg.energy_weight * jnp.sum(batch["energy_weight"] * err["energy"] ** 2) / n_graph
-    loss += cfg.force_weight * jnp.sum(err["forces"] ** 2) / (3 * n_node)
+    loss += cfg.force_weight * jnp.sum(squared_or_huber(err["forces"], cfg.force_huber_delta)) / (3 * n_node)
     if stress:
         loss += cfg.stress_weight * jnp.sum(err["stress"] ** 2) / (9 * jnp.maximum(err["stress_mask"].sum(), 1))
     return loss, err
