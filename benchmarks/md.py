@@ -1,6 +1,7 @@
 """Molecular-dynamics speed of the seed-size force field on periodic fcc Cu.
 
     python benchmarks/md.py [--quick]        # --quick: ~64 and ~500 atoms, < 60 s
+    python benchmarks/md.py --sizes 4000 32000 108000 --edge-chunk 1048576   # a GPU
 
 The model is the seed's invariant architecture at the seed's size (128 features, 6
 interaction blocks, 50 RBF, 5 A cutoff; random weights: speed does not depend on them).
@@ -14,14 +15,19 @@ NVE velocity Verlet, 1 fs, from 300 K. Implementations (field "impl"):
   calculator under ASE's VelocityVerlet; skipped when torch is not importable;
 - emt: ASE's EMT classical potential under ASE's VelocityVerlet.
 
+torch_seed and emt are skipped above 32,000 atoms, where their host-side neighbour lists and
+energies take seconds a step. torch_seed runs on CUDA where torch sees a GPU.
+
 Metrics: md_atom_steps_per_s per size and impl (ratio on matjax lines = vs torch_seed),
 force_evals_atoms_per_s (matjax energy + forces + stress, jitted), cost_exponent (slope of
-log time per step against log atoms, matjax).
+log time per step against log atoms, matjax, over the three largest sizes run: small cells on
+a GPU measure launch overhead, not cost).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 
@@ -42,9 +48,11 @@ from matjax.models.mlff import create_model
 from matjax.physics import md
 
 SEED_MODEL = MLFFConfig(model="invariant", cutoff=5.0, features=128, num_interactions=6, num_rbf=50, avg_neighbors=42.0)
-SIZES = {64: (2, 2, 4), 500: (5, 5, 5), 4000: (10, 10, 10)}
-# Steps per timed repeat: (matjax, ase_loop, torch_seed, emt).
-STEPS = {64: (200, 40, 20, 200), 500: (40, 10, 4, 40), 4000: (10, 3, 2, 10)}
+SIZES = {64: (2, 2, 4), 500: (5, 5, 5), 4000: (10, 10, 10), 32000: (20, 20, 20), 108000: (30, 30, 30)}
+IMPLS = ("matjax", "ase_loop", "torch_seed", "emt")
+# Steps per timed repeat, in IMPLS order; None: not run at that size.
+STEPS = {64: (200, 40, 20, 200), 500: (40, 10, 4, 40), 4000: (10, 3, 2, 10), 32000: (20, 2, 1, 2),
+         108000: (20, 2, None, None)}
 DT_FS, SKIN = 1.0, 0.5
 
 
@@ -103,7 +111,9 @@ def torch_seed_calculator(cfg: MLFFConfig):
                 h = block(h, rbf, envelope, senders, receivers)
             return 0.05 * self.readout(h).sum()
 
-    model = Seed()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = Seed().to(device)
+    tensor = lambda x, **kw: torch.tensor(x, device=device, **kw)
 
     class TorchSeedCalculator(Calculator):
         implemented_properties = ["energy", "forces"]
@@ -111,11 +121,11 @@ def torch_seed_calculator(cfg: MLFFConfig):
         def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
             super().calculate(atoms, properties, system_changes)
             i, j, shifts = ase_neighbor_list("ijS", self.atoms, cfg.cutoff)
-            positions = torch.tensor(self.atoms.positions, dtype=torch.float32, requires_grad=True)
-            energy = model(torch.tensor(self.atoms.numbers), positions, torch.tensor(self.atoms.cell.array, dtype=torch.float32),
-                           torch.tensor(j), torch.tensor(i), torch.tensor(shifts, dtype=torch.float32))
+            positions = tensor(self.atoms.positions, dtype=torch.float32, requires_grad=True)
+            energy = model(tensor(self.atoms.numbers), positions, tensor(self.atoms.cell.array, dtype=torch.float32),
+                           tensor(j), tensor(i), tensor(shifts, dtype=torch.float32))
             (grad,) = torch.autograd.grad(energy, positions)
-            self.results = {"energy": float(energy.detach()), "forces": -grad.numpy().astype(np.float64)}
+            self.results = {"energy": float(energy.detach()), "forces": -grad.cpu().numpy().astype(np.float64)}
 
     return TorchSeedCalculator()
 
@@ -130,14 +140,14 @@ def ase_steps_per_s(atoms, calc, n_steps: int, repeats: int) -> tuple[float, flo
     return n_steps / med, n_steps / best
 
 
-def run_size(n_atoms: int, repeats: int, model, torch_calc) -> dict:
+def run_size(n_atoms: int, repeats: int, model, torch_calc, impls) -> dict:
     atoms = copper(n_atoms)
     n = len(atoms)
     variables = seed_variables(model, atoms)
     fns = neighbor_list(SEED_MODEL.cutoff, SKIN)
     nbrs = fns.allocate(atoms.positions, atoms.cell.array)
     potential = md.model_potential(model, variables, atoms.numbers)
-    steps = dict(zip(["matjax", "ase_loop", "torch_seed", "emt"], STEPS[n_atoms]))
+    steps = {impl: n for impl, n in zip(IMPLS, STEPS[n_atoms]) if n is not None and impl in impls}
 
     # (a) matjax scanned integrator.
     init_fn, step_fn = md.nve(potential, DT_FS)
@@ -157,30 +167,33 @@ def run_size(n_atoms: int, repeats: int, model, torch_calc) -> dict:
     jax.block_until_ready(evaluate(*args)[1])
     f_med, f_best = median_seconds(lambda: jax.block_until_ready(evaluate(*args)[1]), repeats)
 
-    # (b) the same model, one step at a time from Python.
-    rates["ase_loop"] = ase_steps_per_s(atoms, MatjaxCalculator(model=model, variables=variables, cutoff=SEED_MODEL.cutoff,
-                                                                skin=SKIN), steps["ase_loop"], repeats)
-    if torch_calc is not None:  # (c)
-        rates["torch_seed"] = ase_steps_per_s(atoms, torch_calc, steps["torch_seed"], repeats)
-    rates["emt"] = ase_steps_per_s(atoms, EMT(), steps["emt"], repeats)  # (d)
+    calculators = {  # (b) the same model, one step at a time from Python; (c); (d)
+        "ase_loop": lambda: MatjaxCalculator(model=model, variables=variables, cutoff=SEED_MODEL.cutoff, skin=SKIN),
+        "torch_seed": lambda: torch_calc, "emt": EMT,
+    }
+    for impl, make in calculators.items():
+        if impl in steps and make() is not None:
+            rates[impl] = ase_steps_per_s(atoms, make(), steps[impl], repeats)
 
     torch_rate = rates.get("torch_seed", (None,))[0]
+    setting = {"edge_chunk": model.cfg.edge_chunk, "matmul_precision": jax.config.jax_default_matmul_precision or "default"}
     for impl, (rate, best_rate) in rates.items():
         extra = {"impl": impl, "n_atoms": n, "best": best_rate * n, "steps": steps[impl]}
         if impl == "matjax":
-            extra |= {"compile_s": round(compile_s, 2), "vs_ase_loop": rate / rates["ase_loop"][0]}
+            extra |= {"compile_s": round(compile_s, 2), **setting}
+            if "ase_loop" in rates:
+                extra["vs_ase_loop"] = rate / rates["ase_loop"][0]
         emit("md", "md_atom_steps_per_s", rate * n, "atom-steps/s",
              baseline=torch_rate * n if impl == "matjax" and torch_rate else None, **extra)
-    emit("md", "force_evals_atoms_per_s", n / f_med, "atoms/s", impl="matjax", n_atoms=n, best=n / f_best)
+    emit("md", "force_evals_atoms_per_s", n / f_med, "atoms/s", impl="matjax", n_atoms=n, best=n / f_best, **setting)
     return {"n_atoms": n, "seconds_per_step": 1.0 / rates["matjax"][0], "rates": {k: v[0] * n for k, v in rates.items()}}
 
 
 def table(results) -> str:
     """Atom-steps/s per implementation and size, for people."""
-    impls = ["matjax", "ase_loop", "torch_seed", "emt"]
-    lines = ["atoms  " + "".join(f"{name:>12s}" for name in impls) + "   matjax/torch"]
+    lines = ["atoms  " + "".join(f"{name:>12s}" for name in IMPLS) + "   matjax/torch"]
     for r in results:
-        cells = "".join(f"{r['rates'][k]:12,.0f}" if k in r["rates"] else f"{'-':>12s}" for k in impls)
+        cells = "".join(f"{r['rates'][k]:12,.0f}" if k in r["rates"] else f"{'-':>12s}" for k in IMPLS)
         ratio = r["rates"]["matjax"] / r["rates"]["torch_seed"] if "torch_seed" in r["rates"] else float("nan")
         lines.append(f"{r['n_atoms']:5d}  {cells}   {ratio:8.1f}x")
     return "\n".join(lines)
@@ -190,16 +203,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="~64 and ~500 atoms only (< 60 s)")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--sizes", type=int, nargs="+", choices=sorted(SIZES), help="atoms per cell (default 64 500 4000)")
+    parser.add_argument("--impls", nargs="*", choices=IMPLS[1:], default=IMPLS[1:], help="baselines to run beside matjax")
+    parser.add_argument("--edge-chunk", type=int, default=SEED_MODEL.edge_chunk,
+                        help="edges per step of the model's message scan (a speed setting; larger suits a GPU)")
     args = parser.parse_args()
-    sizes = [64, 500] if args.quick else [64, 500, 4000]
+    sizes = sorted(args.sizes or ([64, 500] if args.quick else [64, 500, 4000]))
     repeats = args.repeats or (2 if args.quick else 3)
-    model = create_model(SEED_MODEL)
-    torch_calc = torch_seed_calculator(SEED_MODEL)
-    results = [run_size(n, repeats, model, torch_calc) for n in sizes]
-    n_atoms = np.log([r["n_atoms"] for r in results])
-    exponent = np.polyfit(n_atoms, np.log([r["seconds_per_step"] for r in results]), 1)[0]
-    emit("md", "cost_exponent", exponent, "d log(time per step) / d log(atoms)", impl="matjax",
-         sizes=[r["n_atoms"] for r in results])
+    model = create_model(dataclasses.replace(SEED_MODEL, edge_chunk=args.edge_chunk))
+    torch_calc = torch_seed_calculator(SEED_MODEL) if "torch_seed" in args.impls else None
+    results = [run_size(n, repeats, model, torch_calc, {"matjax", *args.impls}) for n in sizes]
+    fitted = results[-3:]
+    if len(fitted) >= 2:
+        exponent = np.polyfit(np.log([r["n_atoms"] for r in fitted]), np.log([r["seconds_per_step"] for r in fitted]), 1)[0]
+        emit("md", "cost_exponent", exponent, "d log(time per step) / d log(atoms)", impl="matjax",
+             sizes=[r["n_atoms"] for r in fitted])
     print(table(results), file=sys.stderr)
 
 

@@ -17,8 +17,8 @@ import numpy as np
 from ase.calculators.calculator import Calculator, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress
 
-from matjax.data.forcefield import MOLECULE_BOX
 from matjax.geometry.neighbors import neighbor_list
+from matjax.geometry.periodic import MOLECULE_BOX
 from matjax.physics.md import model_potential
 
 

@@ -1,14 +1,18 @@
 """Molecular dynamics with an analytic Lennard-Jones potential: conservation, thermostats,
 blow-up detection, neighbour-list overflow replay, trajectory files."""
 
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
+import jraph
 import numpy as np
 import pytest
 from ase.build import bulk
 
 from matjax.geometry.neighbors import neighbor_list
-from matjax.geometry.periodic import edge_vectors
+from matjax.geometry.periodic import edge_graph_index, edge_vectors, node_graph_index
 from matjax.models.layers import polynomial_envelope
 from matjax.physics import md
 
@@ -117,3 +121,28 @@ def test_neighbor_overflow_is_reallocated_and_replayed():
     assert tight.reallocations >= 1 and ample.reallocations == 0
     np.testing.assert_allclose(tight.positions, ample.positions, atol=1e-4)
     np.testing.assert_allclose(tight.potential, ample.potential, rtol=1e-5)
+
+def _counts_graph(n_node, n_edge):
+    n, e = sum(n_node), sum(n_edge)
+    return jraph.GraphsTuple(nodes={"species": jnp.zeros(n, jnp.int32)}, edges={}, senders=jnp.zeros(e, jnp.int32),
+                             receivers=jnp.zeros(e, jnp.int32), n_node=jnp.array(n_node), n_edge=jnp.array(n_edge),
+                             globals=None)
+
+
+def test_graph_index_of_one_graph_folds_no_repeat():
+    """An MD neighbour list's one graph has trace-time constant counts: its index must not be a
+    repeat (whose cumulative sum over every edge XLA constant-folded for minutes on a GPU)."""
+    one = _counts_graph([5], [40])
+    jaxpr = str(jax.make_jaxpr(lambda: (edge_graph_index(one), node_graph_index(one)))())
+    assert "cumsum" not in jaxpr and "scatter" not in jaxpr
+    np.testing.assert_array_equal(edge_graph_index(one), np.zeros(40))
+    two = _counts_graph([2, 3], [4, 1])
+    np.testing.assert_array_equal(edge_graph_index(two), [0, 0, 0, 0, 1])
+    np.testing.assert_array_equal(node_graph_index(two), [0, 0, 1, 1, 1])
+
+
+def test_md_and_the_calculator_import_without_pymatgen():
+    """GPU machines run MD without pymatgen installed."""
+    child = "import sys; sys.modules['pymatgen'] = None; import matjax.calculators, matjax.physics.md"
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr

@@ -35,6 +35,7 @@ from matjax.data.dataset import report_skipped
 from matjax.data.graphs import PackedGraphs, build_graph, pack, ragged_arange, take
 from matjax.data.sources import shared_data_dir
 from matjax.data.splits import hash_bucket, split_indices
+from matjax.geometry.periodic import MOLECULE_BOX
 
 KBAR = 0.1 / 160.21766208  # eV/A^3 per kbar
 # Voigt order of mlearn's virial_stress per element (see the module docstring).
@@ -45,8 +46,6 @@ MLEARN_VOIGT = {
     "Mo": ("xx", "yy", "zz", "xy", "zx", "yz"),
 }
 _AXIS = {"x": 0, "y": 1, "z": 2}
-# A molecule sits in this cubic box (no periodic images are used).
-MOLECULE_BOX = 100.0
 
 
 class Frame(NamedTuple):

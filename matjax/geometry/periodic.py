@@ -9,17 +9,28 @@ from __future__ import annotations
 import jax.numpy as jnp
 import jraph
 
+# A molecule sits in this cubic box (no periodic images are used).
+MOLECULE_BOX = 100.0
+
+
+def _graph_index(counts: jnp.ndarray, total: int) -> jnp.ndarray:
+    """[total] index of the graph each of ``total`` items belongs to, given [G] counts."""
+    if counts.shape[0] == 1:
+        # One graph (MD, a calculator): its counts are often trace-time constants, and XLA
+        # would constant-fold the repeat's cumulative sum over every edge, which took
+        # minutes of GPU compilation at 32,000 atoms.
+        return jnp.zeros(total, jnp.int32)
+    return jnp.repeat(jnp.arange(counts.shape[0]), counts, total_repeat_length=total)
+
 
 def edge_graph_index(graph: jraph.GraphsTuple) -> jnp.ndarray:
     """[E] index of the graph each edge belongs to."""
-    n_graph = graph.n_edge.shape[0]
-    return jnp.repeat(jnp.arange(n_graph), graph.n_edge, total_repeat_length=graph.senders.shape[0])
+    return _graph_index(graph.n_edge, graph.senders.shape[0])
 
 
 def node_graph_index(graph: jraph.GraphsTuple) -> jnp.ndarray:
     """[N] index of the graph each node belongs to."""
-    n_graph = graph.n_node.shape[0]
-    return jnp.repeat(jnp.arange(n_graph), graph.n_node, total_repeat_length=graph.nodes["species"].shape[0])
+    return _graph_index(graph.n_node, graph.nodes["species"].shape[0])
 
 
 def edge_vectors(positions: jnp.ndarray, lattice: jnp.ndarray, graph: jraph.GraphsTuple) -> jnp.ndarray:

@@ -342,7 +342,9 @@ def simulate(
     bar = tqdm(total=n_steps, desc="MD steps", disable=not progress, unit="step")
     while done < n_records:
         length = min(records_per_segment, n_records - done)
-        new_state, records = jax.device_get(run(state, length))
+        # The state stays on the device between segments; only the records and the flag travel.
+        new_state, records = run(state, length)
+        records = jax.device_get(records)
         if neighbor_fns is not None and bool(new_state.nbrs.overflow):
             nbrs = neighbor_fns.allocate(state.positions, state.lattice, previous=new_state.nbrs)
             state = state.replace(nbrs=nbrs)
