@@ -64,7 +64,8 @@ class MLFFConfig:
     envelope_p: polynomial order of the envelope; avg_neighbors: messages are summed and
     divided by this (the training set's mean neighbour count keeps activations O(1));
     edge_chunk: edges per step of the invariant model's message scan (speed only; 32,768
-    was the fastest of 4,096-65,536 and one pass for 64-4000-atom Cu on a 2-core Xeon).
+    was the fastest of 4,096-65,536 and one pass for 64-4000-atom Cu on a 2-core Xeon; on
+    an H200 GPU, chunks of up to 1,048,576 ran 4000-atom MD 1.42x faster).
     """
 
     model: str = "invariant"

@@ -43,6 +43,11 @@ def test_reference_energies_recover_an_additive_model(splits):
     assert np.count_nonzero(reference) == 2
 
 
+def _model_for(data):
+    """The test model, its message normalisation set from ``data``'s mean neighbour count."""
+    return tf.create_model(dataclasses.replace(MODEL, avg_neighbors=round(tf.data_statistics(data)["avg_neighbors"], 3)))
+
+
 def _leaves_equal(a, b):
     return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
@@ -164,7 +169,7 @@ def test_group_energy_weights_scale_each_structures_energy_term(splits, straight
     # Energy-only loss: a structure's weight multiplies its own squared error and nothing else.
     data, best = splits["train"], straight_run[1]
     budget = tf.budget_for(data.graphs, 4)
-    model = tf.create_model(dataclasses.replace(MODEL, avg_neighbors=round(tf.data_statistics(data)["avg_neighbors"], 3)))
+    model = _model_for(data)
     cfg = dataclasses.replace(TRAIN, energy_weight=1.0, force_weight=0.0)
 
     def loss(weights):
@@ -188,7 +193,7 @@ def test_huber_force_loss_is_quadratic_inside_delta_and_linear_beyond(splits, st
     np.testing.assert_allclose(slope, [-0.1, -0.1, 0, 0.04, 0.1, 0.1], rtol=1e-6)  # continuous, capped at 2 delta
     # Force-only loss: the Huber mean of the same force errors, below the MSE once errors pass delta.
     data, best = splits["train"], straight_run[1]
-    model = tf.create_model(dataclasses.replace(MODEL, avg_neighbors=round(tf.data_statistics(data)["avg_neighbors"], 3)))
+    model = _model_for(data)
     batch = tf.make_batch(data, [0, 1, 2], tf.budget_for(data.graphs, 4), np.zeros(119))
 
     def force_loss(delta):
@@ -249,7 +254,7 @@ def test_runs_without_weight_decay_keep_the_optimizer_state_of_earlier_versions(
 def test_an_ensemble_of_one_is_its_member_and_of_two_averages_energies_and_forces(splits, straight_run, tmp_path):
     _, best, _ = straight_run
     _, other, _ = tf.train(MODEL, dataclasses.replace(TRAIN, seed=1), splits, tmp_path / "seed1")
-    model = tf.create_model(dataclasses.replace(MODEL, avg_neighbors=round(tf.data_statistics(splits["train"])["avg_neighbors"], 3)))
+    model = _model_for(splits["train"])
     step = tf.make_eval_step(model.cfg, False)
     budget = tf.budget_for(splits["train"].graphs, TRAIN.batch_size)
     members = [tf.evaluate(step, state.variables(), splits["val"], budget) for state in (best, other)]

@@ -161,11 +161,9 @@ def batch_errors(model: nn.Module, variables, batch: dict, stress: bool):
 
 
 def squared_or_huber(x: jnp.ndarray, delta: float) -> jnp.ndarray:
-    """x^2 elementwise (delta 0), else Huber's x^2 inside |x| <= delta, delta * (2|x| - delta) outside."""
-    if delta <= 0:
-        return x**2
-    a = jnp.abs(x)
-    return jnp.where(a <= delta, x**2, delta * (2 * a - delta))
+    """x^2 elementwise (delta 0), else Huber's x^2 inside |x| <= delta, delta * (2|x| - delta) outside
+    (twice optax's Huber loss, so that it equals the squared error inside delta)."""
+    return x**2 if delta <= 0 else 2 * optax.losses.huber_loss(x, delta=delta)
 
 
 def loss_fn(params, constants, model, batch, cfg: MLFFTrainConfig):
