@@ -172,8 +172,8 @@ def run_size(n_atoms: int, repeats: int, model, torch_calc, impls) -> dict:
         "torch_seed": lambda: torch_calc, "emt": EMT,
     }
     for impl, make in calculators.items():
-        if impl in steps and make() is not None:
-            rates[impl] = ase_steps_per_s(atoms, make(), steps[impl], repeats)
+        if impl in steps and (calc := make()) is not None:
+            rates[impl] = ase_steps_per_s(atoms, calc, steps[impl], repeats)
 
     torch_rate = rates.get("torch_seed", (None,))[0]
     setting = {"edge_chunk": model.cfg.edge_chunk, "matmul_precision": jax.config.jax_default_matmul_precision or "default"}

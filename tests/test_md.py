@@ -122,6 +122,7 @@ def test_neighbor_overflow_is_reallocated_and_replayed():
     np.testing.assert_allclose(tight.positions, ample.positions, atol=1e-4)
     np.testing.assert_allclose(tight.potential, ample.potential, rtol=1e-5)
 
+
 def _counts_graph(n_node, n_edge):
     n, e = sum(n_node), sum(n_edge)
     return jraph.GraphsTuple(nodes={"species": jnp.zeros(n, jnp.int32)}, edges={}, senders=jnp.zeros(e, jnp.int32),
