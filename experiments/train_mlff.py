@@ -94,6 +94,8 @@ def main() -> None:
     parser.add_argument("--interactions", type=int, help="interaction blocks (message-passing depth) of the model")
     parser.add_argument("--cutoff", type=float, help="neighbour radius (Angstrom) of the model")
     parser.add_argument("--features", type=int, help="feature channels per atom (width) of the model")
+    parser.add_argument("--envelope-p", type=int,
+                        help="order of the cutoff envelope polynomial: higher keeps more weight on pairs near the cutoff")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--time-budget", type=float, help="seconds of training after which the run stops")
     parser.add_argument("--learning-rate", type=float, help="peak learning rate of the warm-up + cosine schedule")
@@ -128,7 +130,7 @@ def main() -> None:
                  "holdout": False if args.no_holdout else None}
     cfg = with_overrides(cfg, overrides)
     model_cfg = with_overrides(model_cfg, {"model": args.model, "num_interactions": args.interactions, "cutoff": args.cutoff,
-                                            "features": args.features})
+                                            "features": args.features, "envelope_p": args.envelope_p})
     run_dir = args.out or Path("runs") / f"mlff-{args.config}-{cfg.dataset}-{model_cfg.model}"
 
     start = time.perf_counter()

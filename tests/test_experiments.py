@@ -73,8 +73,9 @@ def test_train_mlff_an_ensemble_then_run_md(tmp_path):
     config = json.loads((tmp_path / "ff1" / "config.json").read_text())
     assert {k: config["train"][k] for k in overridden} == overridden
     assert config["model"]["num_interactions"] == 2 and config["model"]["features"] == 8
-    run_experiment("train_mlff.py", tmp_path / "ff2", "--cutoff", "4.5", "--epochs", "1")
-    assert json.loads((tmp_path / "ff2" / "config.json").read_text())["model"]["cutoff"] == 4.5
+    run_experiment("train_mlff.py", tmp_path / "ff2", "--cutoff", "4.5", "--envelope-p", "9", "--epochs", "1")
+    model = json.loads((tmp_path / "ff2" / "config.json").read_text())["model"]
+    assert model["cutoff"] == 4.5 and model["envelope_p"] == 9
     other = tmp_path / "other"  # the same run, relabelled as trained on another dataset
     shutil.copytree(tmp_path / "ff2", other)
     config = json.loads((other / "config.json").read_text())
