@@ -62,7 +62,7 @@ def group_figures(cfg: MLFFTrainConfig, metrics: dict, data) -> dict:
 
 
 # wall_time_s: this invocation; train_s: training time summed over the resumed sessions of the run.
-RUN_KEYS = ("interactions", "cutoff", "features", "epochs_run", "epochs_planned", "best_epoch", "wall_time_s", "train_s")
+RUN_KEYS = ("interactions", "cutoff", "features", "envelope_p", "epochs_run", "epochs_planned", "best_epoch", "wall_time_s", "train_s")
 
 
 def record(path: Path, cfg: MLFFTrainConfig, model: str, figures: dict, run_keys=RUN_KEYS) -> None:
@@ -143,7 +143,7 @@ def main() -> None:
     figures = scalar_metrics(test) | {
         "wall_time_s": round(time.perf_counter() - start, 1), "train_s": history[-1]["train_s"] if history else 0.0,
         "epochs_planned": cfg.epochs, "interactions": model_cfg.num_interactions, "cutoff": model_cfg.cutoff,
-        "features": model_cfg.features,
+        "features": model_cfg.features, "envelope_p": model_cfg.envelope_p,
         "epochs_run": history[-1]["epoch"] if history else 0, "best_epoch": int(best.epoch),
     } | group_figures(cfg, test, splits["test"])
     (run_dir / "test_metrics.json").write_text(json.dumps(figures, indent=2) + "\n")
@@ -172,7 +172,8 @@ def evaluate_ensemble(runs: list[Path], out: Path, record_path: Path | None) -> 
     ensemble = ensemble_metrics(members, splits["test"])
     figures = scalar_metrics(ensemble) | group_figures(cfg, ensemble, splits["test"]) | {
         "members": [str(r) for r in runs], "interactions": [m.num_interactions for m, _ in configs],
-        "cutoff": cutoffs, "features": [m.features for m, _ in configs], "wall_time_s": round(time.perf_counter() - start, 1)}
+        "cutoff": cutoffs, "features": [m.features for m, _ in configs],
+        "envelope_p": [m.envelope_p for m, _ in configs], "wall_time_s": round(time.perf_counter() - start, 1)}
     out.mkdir(parents=True, exist_ok=True)
     (out / "test_metrics.json").write_text(json.dumps(
         {"ensemble": figures, "members": {str(r): scalar_metrics(m) for r, m in zip(runs, members)}}, indent=2) + "\n")
@@ -180,7 +181,7 @@ def evaluate_ensemble(runs: list[Path], out: Path, record_path: Path | None) -> 
     plot_parity(ensemble, out / "parity.png", f"{cfg.dataset} test, {name}")
     print(json.dumps(figures))
     if record_path:
-        record(record_path, cfg, name, figures, run_keys=("members", "interactions", "cutoff", "features", "wall_time_s"))
+        record(record_path, cfg, name, figures, run_keys=("members", "interactions", "cutoff", "features", "envelope_p", "wall_time_s"))
 
 
 if __name__ == "__main__":

@@ -94,6 +94,7 @@ def test_train_mlff_an_ensemble_then_run_md(tmp_path):
     recorded = json.loads((tmp_path / "results.json").read_text())
     assert recorded["model"] == "invariant ensemble of 3" and recorded["interactions"] == [1, 2, 1]
     assert recorded["cutoff"] == [5.0, 5.0, 4.5] and recorded["features"] == [16, 8, 16]
+    assert recorded["envelope_p"] == [6, 6, 9]
     run_experiment("run_md.py", tmp_path / "md", "--model-dir", str(tmp_path / "ff"))
     summary = json.loads((tmp_path / "md" / "summary.json").read_text())
     assert summary["stopped"] is None and abs(summary["drift_meV_per_atom_per_ps"]) < 10
