@@ -61,8 +61,15 @@ def group_figures(cfg: MLFFTrainConfig, metrics: dict, data) -> dict:
     return {"by_group": errors_by_group(metrics, structure_groups(data.ids), data.n_atoms)}
 
 
+# Model settings reported for a run (a list of them for an ensemble): report key -> MLFFConfig field.
+MODEL_KEYS = {"interactions": "num_interactions", "cutoff": "cutoff", "features": "features", "envelope_p": "envelope_p"}
 # wall_time_s: this invocation; train_s: training time summed over the resumed sessions of the run.
-RUN_KEYS = ("interactions", "cutoff", "features", "envelope_p", "epochs_run", "epochs_planned", "best_epoch", "wall_time_s", "train_s")
+RUN_KEYS = (*MODEL_KEYS, "epochs_run", "epochs_planned", "best_epoch", "wall_time_s", "train_s")
+
+
+def model_settings(model_cfg: MLFFConfig) -> dict:
+    """{report key: value} for MODEL_KEYS."""
+    return {key: getattr(model_cfg, field) for key, field in MODEL_KEYS.items()}
 
 
 def record(path: Path, cfg: MLFFTrainConfig, model: str, figures: dict, run_keys=RUN_KEYS) -> None:
@@ -142,8 +149,7 @@ def main() -> None:
                     best.variables(), splits["test"], budget)
     figures = scalar_metrics(test) | {
         "wall_time_s": round(time.perf_counter() - start, 1), "train_s": history[-1]["train_s"] if history else 0.0,
-        "epochs_planned": cfg.epochs, "interactions": model_cfg.num_interactions, "cutoff": model_cfg.cutoff,
-        "features": model_cfg.features, "envelope_p": model_cfg.envelope_p,
+        "epochs_planned": cfg.epochs, **model_settings(model_cfg),
         "epochs_run": history[-1]["epoch"] if history else 0, "best_epoch": int(best.epoch),
     } | group_figures(cfg, test, splits["test"])
     (run_dir / "test_metrics.json").write_text(json.dumps(figures, indent=2) + "\n")
@@ -170,10 +176,10 @@ def evaluate_ensemble(runs: list[Path], out: Path, record_path: Path | None) -> 
         members.append(evaluate(make_eval_step(member_cfg, tests_stress(cfg)), variables, splits["test"], budget))
         print(run, json.dumps(scalar_metrics(members[-1])))
     ensemble = ensemble_metrics(members, splits["test"])
+    settings = [model_settings(m) for m, _ in configs]
     figures = scalar_metrics(ensemble) | group_figures(cfg, ensemble, splits["test"]) | {
-        "members": [str(r) for r in runs], "interactions": [m.num_interactions for m, _ in configs],
-        "cutoff": cutoffs, "features": [m.features for m, _ in configs],
-        "envelope_p": [m.envelope_p for m, _ in configs], "wall_time_s": round(time.perf_counter() - start, 1)}
+        "members": [str(r) for r in runs], **{k: [s[k] for s in settings] for k in MODEL_KEYS},
+        "wall_time_s": round(time.perf_counter() - start, 1)}
     out.mkdir(parents=True, exist_ok=True)
     (out / "test_metrics.json").write_text(json.dumps(
         {"ensemble": figures, "members": {str(r): scalar_metrics(m) for r, m in zip(runs, members)}}, indent=2) + "\n")
@@ -181,7 +187,7 @@ def evaluate_ensemble(runs: list[Path], out: Path, record_path: Path | None) -> 
     plot_parity(ensemble, out / "parity.png", f"{cfg.dataset} test, {name}")
     print(json.dumps(figures))
     if record_path:
-        record(record_path, cfg, name, figures, run_keys=("members", "interactions", "cutoff", "features", "envelope_p", "wall_time_s"))
+        record(record_path, cfg, name, figures, run_keys=("members", *MODEL_KEYS, "wall_time_s"))
 
 
 if __name__ == "__main__":
