@@ -61,8 +61,10 @@ class MLFFConfig:
     (rank-2 Cartesian tensors carried between layers, TensorNet-style);
     cutoff: neighbour radius (Angstrom), where the smooth envelope reaches zero;
     features / num_interactions / num_rbf: width, depth and Gaussian centres on [0, cutoff];
-    envelope_p: polynomial order of the envelope; avg_neighbors: messages are summed and
-    divided by this (the training set's mean neighbour count keeps activations O(1));
+    envelope_p: polynomial order of the envelope; max_l: the moment model's highest angular
+    order, 2 (rank-0/1/2 Cartesian moments), 3 or 4 (the power spectra of the l = 3 and 4
+    moments added; other models ignore it); avg_neighbors: messages are summed and divided
+    by this (the training set's mean neighbour count keeps activations O(1));
     edge_chunk: edges per step of the invariant model's message scan (speed only; 32,768
     was the fastest of 4,096-65,536 and one pass for 64-4000-atom Cu on a 2-core Xeon; on
     an H200 GPU, chunks of up to 1,048,576 ran 4000-atom MD 1.42x faster).
@@ -74,6 +76,7 @@ class MLFFConfig:
     num_interactions: int = 6
     num_rbf: int = 50
     envelope_p: int = 6
+    max_l: int = 2
     avg_neighbors: float = 1.0
     edge_chunk: int = 32768
 

@@ -73,9 +73,9 @@ def test_train_mlff_an_ensemble_then_run_md(tmp_path):
     config = json.loads((tmp_path / "ff1" / "config.json").read_text())
     assert {k: config["train"][k] for k in overridden} == overridden
     assert config["model"]["num_interactions"] == 2 and config["model"]["features"] == 8
-    run_experiment("train_mlff.py", tmp_path / "ff2", "--cutoff", "4.5", "--envelope-p", "9", "--epochs", "1")
+    run_experiment("train_mlff.py", tmp_path / "ff2", "--cutoff", "4.5", "--envelope-p", "9", "--max-l", "3", "--epochs", "1")
     model = json.loads((tmp_path / "ff2" / "config.json").read_text())["model"]
-    assert model["cutoff"] == 4.5 and model["envelope_p"] == 9
+    assert model["cutoff"] == 4.5 and model["envelope_p"] == 9 and model["max_l"] == 3
     other = tmp_path / "other"  # the same run, relabelled as trained on another dataset
     shutil.copytree(tmp_path / "ff2", other)
     config = json.loads((other / "config.json").read_text())
@@ -94,7 +94,7 @@ def test_train_mlff_an_ensemble_then_run_md(tmp_path):
     recorded = json.loads((tmp_path / "results.json").read_text())
     assert recorded["model"] == "invariant ensemble of 3" and recorded["interactions"] == [1, 2, 1]
     assert recorded["cutoff"] == [5.0, 5.0, 4.5] and recorded["features"] == [16, 8, 16]
-    assert recorded["envelope_p"] == [6, 6, 9]
+    assert recorded["envelope_p"] == [6, 6, 9] and recorded["max_l"] == [2, 2, 3]
     run_experiment("run_md.py", tmp_path / "md", "--model-dir", str(tmp_path / "ff"))
     summary = json.loads((tmp_path / "md" / "summary.json").read_text())
     assert summary["stopped"] is None and abs(summary["drift_meV_per_atom_per_ps"]) < 10

@@ -14,7 +14,7 @@ from matjax.data.batching import Budget, graphs_tuple
 from matjax.data.graphs import build_graph, pack
 from matjax.geometry.periodic import node_graph_index
 from matjax.models.layers import gaussian_rbf, gaussian_rbf_slope
-from matjax.models.mlff import create_model, graph_energy_fn, radial_filter
+from matjax.models.mlff import MomentInteraction, create_model, graph_energy_fn, radial_filter, real_harmonics
 from matjax.physics.forces import energy_forces_stress
 from matjax.testing import central_difference
 
@@ -23,6 +23,8 @@ CONFIGS = {
     "invariant": MLFFConfig(model="invariant", cutoff=CUTOFF, features=16, num_interactions=2, num_rbf=8, avg_neighbors=10.0),
     "painn": MLFFConfig(model="painn", cutoff=CUTOFF, features=16, num_interactions=2, num_rbf=8, avg_neighbors=10.0),
     "moment": MLFFConfig(model="moment", cutoff=CUTOFF, features=16, num_interactions=2, num_rbf=8, avg_neighbors=10.0),
+    "moment_l4": MLFFConfig(model="moment", cutoff=CUTOFF, features=16, num_interactions=2, num_rbf=8, avg_neighbors=10.0,
+                            max_l=4),
     "tensor": MLFFConfig(model="tensor", cutoff=CUTOFF, features=16, num_interactions=2, num_rbf=8, avg_neighbors=10.0),
 }
 
@@ -242,6 +244,43 @@ def test_only_the_equivariant_models_resolve_bond_angles(name):
         assert difference < 1e-10
     else:
         assert difference > 1e-7
+
+
+@pytest.mark.parametrize("l", [3, 4])
+def test_real_harmonics_obey_the_addition_theorem(l):
+    """sum_m Y_lm(u) Y_lm(v) = P_l(u . v): the moment model's l = 3, 4 power spectra are invariant."""
+    rng = np.random.default_rng(l)
+    u, v = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in rng.normal(size=(2, 40, 3)))
+    with jax.enable_x64(True):
+        spectrum = np.sum(real_harmonics(jnp.asarray(u), l) * real_harmonics(jnp.asarray(v), l), axis=1)
+    np.testing.assert_allclose(spectrum, np.polynomial.legendre.legval(np.sum(u * v, axis=1), np.eye(l + 1)[l]), atol=1e-12)
+    with pytest.raises(ValueError, match="l = 3 and 4"):
+        real_harmonics(jnp.asarray(u), 5)
+
+
+@pytest.mark.parametrize("max_l, differs", [(2, False), (3, False), (4, True)])
+def test_only_l4_moments_tell_a_bcc_cube_from_a_square_antiprism(max_l, differs):
+    """Eight neighbours at 2 A on a cube (bcc's first shell) or on a square antiprism of the same
+    height: both have the same l = 0 moment and no l = 1, 2 or 3 moment, so one moment layer
+    sees them alike unless it has l = 4."""
+    def centre_update(twist):
+        phi = np.radians(45.0 + 90.0 * np.arange(4))
+        rings = [np.stack([np.sqrt(2 / 3) * np.cos(phi + shift), np.sqrt(2 / 3) * np.sin(phi + shift),
+                           np.full(4, height)], axis=1) for shift, height in ((0.0, 3**-0.5), (twist, -(3**-0.5)))]
+        units = jnp.asarray(np.concatenate(rings))
+        rbf = gaussian_rbf(jnp.full(8, 2.0), CUTOFF, 8)
+        args = (jnp.ones((9, 16)), rbf, jnp.full(8, 0.1), units, jnp.arange(1, 9), jnp.zeros(8, int))
+        layer = MomentInteraction(16, max_l)
+        return layer.apply(layer.init(jax.random.PRNGKey(0), *args), *args)[0]
+
+    with jax.enable_x64(True):
+        difference = float(jnp.max(jnp.abs(centre_update(0.0) - centre_update(np.pi / 4))))
+    assert (difference > 1e-6) == differs, difference
+
+
+def test_moment_orders_beyond_4_are_refused():
+    with pytest.raises(ValueError, match="max_l must be 2, 3 or 4"):
+        create_model(MLFFConfig(model="moment", max_l=6))
 
 
 def test_edge_chunks_do_not_change_the_invariant_model():

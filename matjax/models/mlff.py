@@ -23,7 +23,10 @@ the ``constants`` variable collection: stored with the parameters, never trained
   messages along the unit edge vectors, more accurate at the same size.
 - ``MomentMLFF``: invariant scalars updated from rank-0/1/2 Cartesian moments of each
   neighbourhood contracted to 2-, 3- and 4-body invariants (as in moment tensor
-  potentials and MACE, in 3 x 3 algebra): bond angles resolved in every layer.
+  potentials and MACE, in 3 x 3 algebra): bond angles resolved in every layer. With
+  ``max_l`` 3 or 4, the power spectra of the l = 3 and 4 moments join them: a bcc or fcc
+  atom's cubic neighbourhood has no l = 1 or 2 moment, so l = 4 is the first order that
+  sees its bond angles without help from the neighbours' layers.
 - ``TensorMLFF``: each atom carries 3 x 3 tensors (scalar, antisymmetric and symmetric
   traceless parts) from layer to layer, coupled by matrix products (TensorNet): the most
   accurate here on rMD17 aspirin (test forces 12.3 meV/A after 200 epochs; the moment model
@@ -249,6 +252,28 @@ def _sym_full(s):
     return s[:, jnp.asarray(_SYM_INDEX)]
 
 
+def real_harmonics(units, l: int):
+    """[E, 2l + 1] real spherical harmonics of order l = 3 or 4 at unit vectors [E, 3], m = -l..l.
+
+    Scaled by sqrt(4 pi / (2l + 1)), so that sum_m Y_lm(u) Y_lm(v) = P_l(u . v) (the addition
+    theorem; 1 at u = v): the power spectrum sum_m A_lm A'_lm of two moments is rotation invariant.
+    """
+    x, y, z = units[:, 0], units[:, 1], units[:, 2]
+    if l == 3:
+        parts = [np.sqrt(10) / 4 * y * (3 * x * x - y * y), np.sqrt(15) * x * y * z,
+                 np.sqrt(6) / 4 * y * (5 * z * z - 1), z * (5 * z * z - 3) / 2, np.sqrt(6) / 4 * x * (5 * z * z - 1),
+                 np.sqrt(15) / 2 * z * (x * x - y * y), np.sqrt(10) / 4 * x * (x * x - 3 * y * y)]
+    elif l == 4:
+        parts = [np.sqrt(35) / 2 * x * y * (x * x - y * y), np.sqrt(17.5) / 2 * y * z * (3 * x * x - y * y),
+                 np.sqrt(5) / 2 * x * y * (7 * z * z - 1), np.sqrt(2.5) / 2 * y * z * (7 * z * z - 3),
+                 (35 * z**4 - 30 * z * z + 3) / 8, np.sqrt(2.5) / 2 * x * z * (7 * z * z - 3),
+                 np.sqrt(5) / 4 * (x * x - y * y) * (7 * z * z - 1), np.sqrt(17.5) / 2 * x * z * (x * x - 3 * y * y),
+                 np.sqrt(35) / 8 * (x**4 - 6 * x * x * y * y + y**4)]
+    else:
+        raise ValueError(f"real_harmonics covers l = 3 and 4, not {l}")
+    return jnp.stack(parts, axis=-1)
+
+
 class MomentInteraction(nn.Module):
     """Scalar update from Cartesian moments of the neighbourhood up to rank 2 (MTP / ACE style).
 
@@ -257,17 +282,19 @@ class MomentInteraction(nn.Module):
     copies of them (linear maps over f commute with rotations) are contracted to invariants
     of body order 2 (A0), 3 (A1 . A1', A2 : A2') and 4 (A1^T A2 A1', tr A2 A2' A2''), which
     resolve bond angles that the l = 1 vectors of PaiNN can only reach by stacking layers.
+    max_l 3 and 4 add A_l = sum_j w_l Y_l(u) [2l + 1] and its power spectrum A_l . A_l'.
     s_i += A0 + MLP([s_i, invariants]): the direct two-body term keeps the energy's
     dependence on geometry O(1) at initialisation, where the angular invariants are small.
     """
 
     features: int
+    max_l: int = 2
 
     @nn.compact
     def __call__(self, s, rbf, envelope, units, senders, receivers):
-        F, n = self.features, s.shape[0]
-        radial = nn.Dense(3 * F)(rbf) * envelope[:, None]
-        w0, w1, w2 = jnp.split(nn.Dense(3 * F)(s)[senders] * radial, 3, axis=-1)  # [E, F] each
+        F, n, orders = self.features, s.shape[0], self.max_l + 1
+        radial = nn.Dense(orders * F)(rbf) * envelope[:, None]
+        w0, w1, w2, *w_high = jnp.split(nn.Dense(orders * F)(s)[senders] * radial, orders, axis=-1)  # [E, F] each
         # Only the 6 distinct entries of the symmetric rank-2 moment go through the edge sum
         # (a third less edge work); the full [3, 3] matrix is rebuilt per atom.
         traceless = _traceless_outer(units)  # [E, 6]
@@ -285,6 +312,10 @@ class MomentInteraction(nn.Module):
             jnp.einsum("nif,nijf,njf->nf", p, z, q),
             jnp.einsum("nijf,njkf,nkif->nf", x, y, z),
         ]
+        for l, w in enumerate(w_high, start=3):
+            a = jax.ops.segment_sum(real_harmonics(units, l)[:, :, None] * w[:, None, :], receivers, n)  # [N, 2l+1, F]
+            p, q = jnp.split(nn.Dense(2 * F, use_bias=False, name=f"mix{l}")(a), 2, axis=-1)
+            invariants.append(jnp.sum(p * q, axis=1))
         update = nn.Dense(F)(nn.silu(nn.Dense(F)(jnp.concatenate([s, *invariants], axis=-1))))
         return s + a0 + update
 
@@ -305,7 +336,7 @@ class MomentMLFF(nn.Module):
         rbf, envelope, units = _edge_directions(vectors, edge_mask, self.cfg)
         s = nn.Embed(MAX_Z, features)(species)
         for _ in range(self.cfg.num_interactions):
-            s = MomentInteraction(features)(s, rbf, envelope, units, senders, receivers)
+            s = MomentInteraction(features, self.cfg.max_l)(s, rbf, envelope, units, senders, receivers)
         return _Constants()(species, _Readout(features)(s))
 
 
@@ -442,6 +473,8 @@ def create_model(cfg: MLFFConfig) -> nn.Module:
     """The force-field module named by ``cfg.model`` (a key of ``MODELS``)."""
     if cfg.model not in MODELS:
         raise ValueError(f"unknown force-field model {cfg.model!r}; choose one of {sorted(MODELS)}")
+    if cfg.max_l not in (2, 3, 4):
+        raise ValueError(f"max_l must be 2, 3 or 4, not {cfg.max_l}")
     return MODELS[cfg.model](cfg)
 
 
