@@ -12,6 +12,7 @@ import matjax.train.forcefield as tf
 from matjax.config import MLFFConfig, MLFFTrainConfig
 from matjax.data.forcefield import Frame, build_dataset, emt_frames
 from matjax.data.splits import split_indices
+from matjax.train.checkpoint import CheckpointMismatchError
 
 MODEL = MLFFConfig(model="invariant", cutoff=4.0, features=16, num_interactions=1, num_rbf=8)
 TRAIN = MLFFTrainConfig(dataset="emt", batch_size=4, epochs=3, learning_rate=3e-3, warmup_epochs=1)
@@ -249,6 +250,27 @@ def test_runs_without_weight_decay_keep_the_optimizer_state_of_earlier_versions(
     params = {"w": jax.numpy.ones(2)}
     assert (jax.tree_util.tree_structure(tf.create_optimizer(TRAIN, 1).init(params))
             == jax.tree_util.tree_structure(legacy.init(params)))
+
+
+def test_runs_saved_before_a_config_field_existed_load_and_resume(splits, tmp_path, monkeypatch):
+    """A field added later (max_l, force_huber_delta) is absent from older checkpoints: at its
+    default they load and resume; set to anything else, they are refused."""
+    current = tf.run_configs
+
+    def older_version(model_cfg, train_cfg):
+        configs = current(model_cfg, train_cfg)
+        return {"model": {k: v for k, v in configs["model"].items() if k != "max_l"},
+                "train": {k: v for k, v in configs["train"].items() if k != "force_huber_delta"}}
+
+    cfg = dataclasses.replace(TRAIN, epochs=2)
+    monkeypatch.setattr(tf, "run_configs", older_version)
+    tf.train(MODEL, dataclasses.replace(cfg, time_budget_s=1e-9), splits, tmp_path)  # stops after epoch 1
+    monkeypatch.undo()
+    tf.load_force_field(tmp_path)
+    _, _, history = tf.train(MODEL, cfg, splits, tmp_path)
+    assert [h["epoch"] for h in history] == [1, 2]
+    with pytest.raises(CheckpointMismatchError, match=r"model\.max_l: 2 -> 3"):
+        tf.train(dataclasses.replace(MODEL, max_l=3), cfg, splits, tmp_path)
 
 
 def test_an_ensemble_of_one_is_its_member_and_of_two_averages_energies_and_forces(splits, straight_run, tmp_path):

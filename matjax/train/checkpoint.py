@@ -68,12 +68,15 @@ class Checkpointer:
 
     configs: JSON-ready dict (e.g. {"model": ..., "train": ...}) that a checkpoint must
     match to be restored; ``compare`` lists the keys checked for the restore (the
-    prediction side needs only the model config to match).
+    prediction side needs only the model config to match). upgrade: maps the configs a
+    checkpoint was saved with to today's fields before they are compared (e.g. a field added
+    since then, whose default keeps the old behaviour, set to that default).
     """
 
-    def __init__(self, directory: str | Path, configs: dict):
+    def __init__(self, directory: str | Path, configs: dict, upgrade: Callable[[dict], dict] | None = None):
         self.directory = Path(directory).absolute()
         self.configs = configs
+        self.upgrade = upgrade or (lambda saved: saved)
         options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
         self._managers = {
             kind: ocp.CheckpointManager(self.directory / kind, options=options) for kind in ("latest", "best")
@@ -108,7 +111,7 @@ class Checkpointer:
         step = self.latest_step(kind)
         path = self.directory / kind / str(step)
         keys = tuple(self.configs) if compare is None else compare
-        saved = {k: record["configs"].get(k) for k in keys}
+        saved = {k: self.upgrade(record["configs"]).get(k) for k in keys}
         diffs = config_differences(saved, {k: self.configs[k] for k in keys})
         if diffs:
             raise CheckpointMismatchError(

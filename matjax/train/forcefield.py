@@ -37,7 +37,7 @@ from matjax.data.graphs import take
 from matjax.geometry.periodic import node_graph_index
 from matjax.models.mlff import MAX_Z, create_model, graph_energy_fn
 from matjax.physics.forces import energy_forces_stress
-from matjax.train.checkpoint import Checkpointer, config_to_dict
+from matjax.train.checkpoint import Checkpointer, config_from_dict, config_to_dict
 from matjax.train.loop import warmup_cosine
 
 
@@ -320,6 +320,17 @@ def run_configs(model_cfg: MLFFConfig, train_cfg: MLFFTrainConfig) -> dict:
     return {"model": config_to_dict(model_cfg), "train": train}
 
 
+def upgrade_run_configs(saved: dict) -> dict:
+    """A checkpoint's saved run configs with today's fields: one added since it was written
+    takes its default, which keeps the behaviour from before the field existed."""
+    return run_configs(config_from_dict(MLFFConfig, saved["model"]), config_from_dict(MLFFTrainConfig, saved["train"]))
+
+
+def run_checkpointer(run_dir: Path, model_cfg: MLFFConfig, train_cfg: MLFFTrainConfig) -> Checkpointer:
+    """The run's checkpoints, restorable when they match its configs (older ones upgraded)."""
+    return Checkpointer(run_dir / "checkpoints", run_configs(model_cfg, train_cfg), upgrade_run_configs)
+
+
 def save_run_config(run_dir: Path, model_cfg: MLFFConfig, train_cfg: MLFFTrainConfig) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     config = {"model": config_to_dict(model_cfg), "train": config_to_dict(train_cfg)}
@@ -349,7 +360,7 @@ def load_force_field(run_dir: str | Path, which: str = "best") -> tuple[nn.Modul
     model_cfg, train_cfg = load_run_config(run_dir)
     model = create_model(model_cfg)
     target = _abstract_state(model, model_cfg, train_cfg, Budget(8, 8, 2), 1)
-    with Checkpointer(run_dir / "checkpoints", run_configs(model_cfg, train_cfg)) as checkpointer:
+    with run_checkpointer(run_dir, model_cfg, train_cfg) as checkpointer:
         restored = checkpointer.restore(which, target, compare=("model",))
     if restored is None:
         raise FileNotFoundError(f"no {which} checkpoint under {run_dir / 'checkpoints'}")
@@ -384,7 +395,7 @@ def train(model_cfg: MLFFConfig, cfg: MLFFTrainConfig, splits: dict[str, ForceFi
         "reference": jnp.asarray(reference, jnp.float32), "scale": jnp.asarray(stats["force_rms"], jnp.float32),
     }}
     state = init_state(model, optimizer, jax.random.PRNGKey(cfg.seed), constants, make_batch(train_data, [0], budget, reference))
-    checkpointer = Checkpointer(run_dir / "checkpoints", run_configs(model_cfg, cfg))
+    checkpointer = run_checkpointer(run_dir, model_cfg, cfg)
     restored = checkpointer.restore("latest", state)
     state, progress = restored if restored is not None else (state, {"train_s": 0.0})
     best_record = checkpointer.record("best")
