@@ -111,7 +111,8 @@ class Checkpointer:
         step = self.latest_step(kind)
         path = self.directory / kind / str(step)
         keys = tuple(self.configs) if compare is None else compare
-        saved = {k: self.upgrade(record["configs"]).get(k) for k in keys}
+        upgraded = self.upgrade(record["configs"])
+        saved = {k: upgraded.get(k) for k in keys}
         diffs = config_differences(saved, {k: self.configs[k] for k in keys})
         if diffs:
             raise CheckpointMismatchError(
