@@ -25,7 +25,7 @@ from pathlib import Path
 from matjax.config import MLFFConfig, MLFFTrainConfig
 from matjax.data.batching import budget_for
 from matjax.data.forcefield import load_forcefield, structure_groups
-from matjax.models.mlff import MODELS
+from matjax.models.mlff import MAX_L_CHOICES, MODELS
 from matjax.train.forcefield import (
     ensemble_metrics, errors_by_group, evaluate, load_force_field, load_run_config, make_eval_step, plot_parity, scalar_metrics, train,
 )
@@ -104,7 +104,7 @@ def main() -> None:
     parser.add_argument("--features", type=int, help="feature channels per atom (width) of the model")
     parser.add_argument("--envelope-p", type=int,
                         help="order of the cutoff envelope polynomial: higher keeps more weight on pairs near the cutoff")
-    parser.add_argument("--max-l", type=int, choices=(2, 3, 4),
+    parser.add_argument("--max-l", type=int, choices=MAX_L_CHOICES,
                         help="moment model: highest angular order of its neighbourhood moments (4 sees cubic bond angles)")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--time-budget", type=float, help="seconds of training after which the run stops")

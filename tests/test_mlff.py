@@ -279,7 +279,7 @@ def test_only_l4_moments_tell_a_bcc_cube_from_a_square_antiprism(max_l, differs)
 
 
 def test_moment_orders_beyond_4_are_refused():
-    with pytest.raises(ValueError, match="max_l must be 2, 3 or 4"):
+    with pytest.raises(ValueError, match=r"max_l must be one of \(2, 3, 4\), not 6"):
         create_model(MLFFConfig(model="moment", max_l=6))
 
 

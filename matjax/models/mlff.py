@@ -467,14 +467,16 @@ class TensorMLFF(nn.Module):
 
 
 MODELS = {"invariant": InvariantMLFF, "painn": PaiNN, "moment": MomentMLFF, "tensor": TensorMLFF}
+# The moment model's highest angular orders: 2 (Cartesian rank-0/1/2), 3 and 4 (``real_harmonics``).
+MAX_L_CHOICES = (2, 3, 4)
 
 
 def create_model(cfg: MLFFConfig) -> nn.Module:
     """The force-field module named by ``cfg.model`` (a key of ``MODELS``)."""
     if cfg.model not in MODELS:
         raise ValueError(f"unknown force-field model {cfg.model!r}; choose one of {sorted(MODELS)}")
-    if cfg.max_l not in (2, 3, 4):
-        raise ValueError(f"max_l must be 2, 3 or 4, not {cfg.max_l}")
+    if cfg.max_l not in MAX_L_CHOICES:
+        raise ValueError(f"max_l must be one of {MAX_L_CHOICES}, not {cfg.max_l}")
     return MODELS[cfg.model](cfg)
 
 
