@@ -4,10 +4,14 @@
     python experiments/run_md.py --config test       # seconds, CPU
     python experiments/run_md.py --ensemble langevin --temperature 600
     python experiments/run_md.py --config si_nve --model-dir runs/mlff-mlearn-mlearn-Si-painn --record benchmarks/results/mlff_nve.json
+    python experiments/run_md.py --system mo --model-dir runs/mo-a runs/mo-b    # an ensemble of runs
 
 Trains the default model first if ``--model-dir`` holds none. Writes <out>/trajectory.extxyz
 (readable by ASE), observables.csv, md.png and summary.json (energy drift per atom and
-picosecond from a least-squares line through the conserved energy).
+picosecond from a least-squares line through the conserved energy). Several runs of one
+dataset make an ensemble: MD on their mean energy, and per recorded frame the largest
+atomic force deviation between the members (``max_force_std``, eV/A), which flags the
+frames the members disagree on.
 """
 
 from __future__ import annotations
@@ -24,10 +28,11 @@ import jax
 import numpy as np
 from ase.build import bulk
 
+from matjax.calculators import MatjaxCalculator
 from matjax.config import MDConfig
 from matjax.geometry.neighbors import neighbor_list
 from matjax.physics import md
-from matjax.train.forcefield import load_force_field
+from matjax.train.forcefield import load_ensemble
 
 CONFIGS = {
     "default": MDConfig(ensemble="nve", system="cu_au", repeat=3, temperature_K=600.0, dt_fs=2.0, steps=10000, record_every=20),
@@ -63,6 +68,18 @@ def integrator(cfg: MDConfig, potential):
     raise ValueError(f"unknown ensemble {cfg.ensemble!r}; choose nve, langevin or nhc")
 
 
+def max_force_deviation(runs: list[Path], atoms, positions) -> np.ndarray:
+    """[T] the largest atomic force deviation between the ensemble's members (eV/A) in each of the frames [T, N, 3]."""
+    atoms = atoms.copy()
+    atoms.calc = MatjaxCalculator(runs)
+    deviation = []
+    for frame in positions:
+        atoms.positions = frame
+        atoms.get_forces()
+        deviation.append(atoms.calc.results["forces_std"].max())
+    return np.array(deviation)
+
+
 def plot(traj: md.Trajectory, n_atoms: int, path: Path) -> None:
     import matplotlib
 
@@ -85,7 +102,8 @@ def plot(traj: md.Trajectory, n_atoms: int, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=sorted(CONFIGS), default="default")
-    parser.add_argument("--model-dir", type=Path, default=DEFAULT_RUN, help="a train_mlff.py run folder")
+    parser.add_argument("--model-dir", type=Path, nargs="+", default=[DEFAULT_RUN],
+                        help="a train_mlff.py run folder, or several of one dataset (an ensemble)")
     parser.add_argument("--system", help="cu_au, si or mo")
     parser.add_argument("--ensemble", choices=["nve", "langevin", "nhc"])
     parser.add_argument("--temperature", type=float)
@@ -95,15 +113,15 @@ def main() -> None:
     args = parser.parse_args()
     overrides = {"system": args.system, "ensemble": args.ensemble, "temperature_K": args.temperature, "steps": args.steps}
     cfg = dataclasses.replace(CONFIGS[args.config], **{k: v for k, v in overrides.items() if v is not None})
-    if not (args.model_dir / "checkpoints").exists():
-        train = [sys.executable, str(Path(__file__).with_name("train_mlff.py")), "--out", str(args.model_dir)]
+    if len(args.model_dir) == 1 and not (args.model_dir[0] / "checkpoints").exists():
+        train = [sys.executable, str(Path(__file__).with_name("train_mlff.py")), "--out", str(args.model_dir[0])]
         subprocess.run(train + (["--config", "test"] if args.config == "test" else []), check=True)
 
-    model, variables, model_cfg = load_force_field(args.model_dir)
+    members, model_cfgs = load_ensemble(args.model_dir)
     atoms = build_system(cfg)
-    fns = neighbor_list(model_cfg.cutoff, cfg.skin)
+    fns = neighbor_list(max(c.cutoff for c in model_cfgs), cfg.skin)
     nbrs = fns.allocate(atoms.positions, atoms.cell.array)
-    init_fn, step_fn, conserved = integrator(cfg, md.model_potential(model, variables, atoms.numbers))
+    init_fn, step_fn, conserved = integrator(cfg, md.ensemble_potential(members, atoms.numbers))
     masses = atoms.get_masses()
     velocities = md.maxwell_boltzmann(jax.random.PRNGKey(cfg.seed), masses, cfg.temperature_K)
     state = init_fn(atoms.positions, atoms.cell.array, masses, velocities, nbrs, key=jax.random.PRNGKey(cfg.seed + 1))
@@ -114,17 +132,22 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     traj.write_extxyz(args.out / "trajectory.extxyz", atoms.numbers, atoms.cell.array)
     columns = ["time_fs", "kinetic", "potential", "conserved", "temperature", "pressure_GPa", "max_force"]
-    np.savetxt(args.out / "observables.csv", np.stack([getattr(traj, c) for c in columns], 1), delimiter=",",
-               header=",".join(columns), comments="")
+    observables = {c: getattr(traj, c) for c in columns}
+    if len(members) > 1:
+        observables["max_force_std"] = max_force_deviation(args.model_dir, atoms, traj.positions)
+    np.savetxt(args.out / "observables.csv", np.stack(list(observables.values()), 1), delimiter=",",
+               header=",".join(observables), comments="")
     plot(traj, len(atoms), args.out / "md.png")
     summary = {
         "drift_meV_per_atom_per_ps": traj.drift_meV_per_atom_per_ps(), "system": f"{cfg.system} ({len(atoms)} atoms)",
         "steps": int(len(traj.time_fs) * cfg.record_every), "dt_fs": cfg.dt_fs, "ensemble": cfg.ensemble,
         "temperature_K": cfg.temperature_K, "mean_temperature_K": float(np.mean(traj.temperature)),
-        "model": f"{model_cfg.model} ({args.model_dir})", "wall_time_s": round(wall, 1),
+        "model": ", ".join(f"{c.model} ({run})" for c, run in zip(model_cfgs, args.model_dir)), "wall_time_s": round(wall, 1),
         "atom_steps_per_s": len(atoms) * len(traj.time_fs) * cfg.record_every / wall,
         "neighbor_reallocations": traj.reallocations, "stopped": traj.stopped,
     }
+    if "max_force_std" in observables:
+        summary["max_force_std_eV_per_A"] = float(observables["max_force_std"].max())
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary))
     if args.record:

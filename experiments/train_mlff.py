@@ -27,7 +27,8 @@ from matjax.data.batching import budget_for
 from matjax.data.forcefield import load_forcefield, structure_groups
 from matjax.models.mlff import MAX_L_CHOICES, MODELS
 from matjax.train.forcefield import (
-    ensemble_metrics, errors_by_group, evaluate, load_force_field, load_run_config, make_eval_step, plot_parity, scalar_metrics, train,
+    ensemble_configs, ensemble_metrics, errors_by_group, evaluate, load_force_field, make_eval_step, plot_parity,
+    scalar_metrics, train,
 )
 
 CONFIGS = {
@@ -165,10 +166,8 @@ def main() -> None:
 
 def evaluate_ensemble(runs: list[Path], out: Path, record_path: Path | None) -> None:
     """Test each run's best checkpoint and the ensemble of their mean energy on their dataset."""
-    configs = [load_run_config(run) for run in runs]
+    configs = ensemble_configs(runs)
     cfg, models = configs[0][1], {m.model for m, _ in configs}
-    if len({(c.dataset, c.n_frames) for _, c in configs}) > 1:
-        raise ValueError(f"ensemble members must share a dataset: {[str(r) for r in runs]}")
     cutoffs = [m.cutoff for m, _ in configs]
     start = time.perf_counter()
     # Each model's envelope is zero beyond its own cutoff: graphs built at the largest serve every member.

@@ -1,16 +1,20 @@
-"""ASE calculator over a trained matjax force field: relax structures, run ASE's own MD.
+"""ASE calculator over a trained matjax force field or ensemble: relax structures, run ASE's own MD.
 
     from matjax.calculators import MatjaxCalculator
     atoms.calc = MatjaxCalculator("runs/mlff-default-emt-invariant")
     atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress()
+    atoms.calc = MatjaxCalculator(["runs/mo-a", "runs/mo-b"])   # an ensemble; its spread:
+    atoms.get_forces(); atoms.calc.results["forces_std"]
 
-Energy, forces and stress come from one jitted function (the energy and its gradients,
-``matjax.physics.md.model_potential``) over a neighbour list that is allocated when the
-atoms' numbers, cell or periodicity change and otherwise updated under ``jit``; an
-overflowing list is re-allocated and the call repeated.
+Energy, forces and stress come from one jitted function (each member's energy and its
+gradients, ``matjax.physics.md.members_potentials``) over a neighbour list that is
+allocated when the atoms' numbers, cell or periodicity change and otherwise updated under
+``jit``; an overflowing list is re-allocated and the call repeated.
 """
 
 from __future__ import annotations
+
+import os
 
 import jax
 import numpy as np
@@ -19,14 +23,19 @@ from ase.stress import full_3x3_to_voigt_6_stress
 
 from matjax.geometry.neighbors import neighbor_list
 from matjax.geometry.periodic import MOLECULE_BOX
-from matjax.physics.md import model_potential
+from matjax.physics.md import members_potentials
 
 
 class MatjaxCalculator(Calculator):
-    """ASE Calculator (energy, forces, stress) of a trained matjax force field.
+    """ASE Calculator (energy, forces, stress) of a trained matjax force field or ensemble.
 
-    run_dir: a run of ``experiments/train_mlff.py`` (its ``which`` checkpoint is loaded),
-    or pass ``model``, ``variables`` and ``cutoff`` directly. skin: neighbour-list skin (A).
+    run_dir: a run of ``experiments/train_mlff.py`` (its ``which`` checkpoint is loaded), or a
+    list of runs on one dataset: an ensemble, whose energy is the members' mean and whose
+    forces and stress are that mean's derivatives. An ensemble's results also hold
+    ``energy_std`` (eV, the members' standard deviation) and ``forces_std`` [N] (eV/A, each
+    atom's RMS deviation of the members' forces from their mean: DeePMD's model deviation,
+    large where the members disagree, i.e. outside their training data).
+    Or pass ``model``, ``variables`` and ``cutoff`` directly. skin: neighbour-list skin (A).
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "stress"]
@@ -35,13 +44,16 @@ class MatjaxCalculator(Calculator):
                  skin: float = 0.5, which: str = "best", **kwargs):
         super().__init__(**kwargs)
         if run_dir is not None:
-            from matjax.train.forcefield import load_force_field
+            from matjax.train.forcefield import load_ensemble
 
-            model, variables, model_cfg = load_force_field(run_dir, which)
-            cutoff = model_cfg.cutoff
-        if model is None or variables is None or cutoff is None:
-            raise ValueError("give a run_dir, or model, variables and cutoff")
-        self.model, self.variables, self.cutoff, self.skin = model, variables, cutoff, skin
+            runs = [run_dir] if isinstance(run_dir, (str, os.PathLike)) else list(run_dir)
+            self.members, configs = load_ensemble(runs, which)
+            cutoff = max(member_cfg.cutoff for member_cfg in configs)
+        elif model is None or variables is None or cutoff is None:
+            raise ValueError("give a run_dir (or a list of them), or model, variables and cutoff")
+        else:
+            self.members = [(model, variables)]
+        self.cutoff, self.skin = cutoff, skin
         self._key = None
         self._nbrs = None
 
@@ -51,8 +63,7 @@ class MatjaxCalculator(Calculator):
             return
         self._fns = neighbor_list(self.cutoff, self.skin, pbc=tuple(atoms.pbc))
         self._nbrs = self._fns.allocate(atoms.positions, lattice)
-        potential = model_potential(self.model, self.variables, atoms.numbers, stress=all(atoms.pbc))
-        self._potential = jax.jit(potential)
+        self._potential = jax.jit(members_potentials(self.members, atoms.numbers, stress=all(atoms.pbc)))
         self._key = key
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
@@ -64,12 +75,16 @@ class MatjaxCalculator(Calculator):
         self._prepare(atoms, lattice)
         dtype = self._nbrs.reference_positions.dtype
         positions = np.asarray(atoms.positions, dtype)
-        energy, forces, stress, nbrs = self._potential(positions, np.asarray(lattice, dtype), self._nbrs)
+        energies, forces, stress, nbrs = self._potential(positions, np.asarray(lattice, dtype), self._nbrs)
         if bool(nbrs.overflow):
             self._nbrs = self._fns.allocate(atoms.positions, lattice, previous=nbrs)
-            energy, forces, stress, nbrs = self._potential(positions, np.asarray(lattice, dtype), self._nbrs)
+            energies, forces, stress, nbrs = self._potential(positions, np.asarray(lattice, dtype), self._nbrs)
         self._nbrs = nbrs
-        self.results["energy"] = self.results["free_energy"] = float(energy)
-        self.results["forces"] = np.asarray(forces, np.float64)
+        energies, forces, stress = (np.asarray(x, np.float64) for x in (energies, forces, stress))
+        self.results["energy"] = self.results["free_energy"] = float(energies.mean())
+        self.results["forces"] = forces.mean(0)
         if all(atoms.pbc):
-            self.results["stress"] = full_3x3_to_voigt_6_stress(np.asarray(stress, np.float64))
+            self.results["stress"] = full_3x3_to_voigt_6_stress(stress.mean(0))
+        if len(self.members) > 1:
+            self.results["energy_std"] = float(energies.std())
+            self.results["forces_std"] = np.sqrt(np.mean(np.sum((forces - forces.mean(0)) ** 2, -1), 0))

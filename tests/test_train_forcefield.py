@@ -121,7 +121,8 @@ def test_calculator_matches_the_model_and_relaxes(straight_run):
                                                                    (True,) * 3, 0.0, np.zeros((32, 3)), None)], MODEL.cutoff)
     budget = tf.budget_for(data.graphs, 1)
     batch = tf.make_batch(data, [0], budget, np.zeros(119))
-    e_ref, f_ref, s_ref = tf.predict(calc.model, calc.variables, batch["graph"], stress=True)
+    (model, variables), = calc.members
+    e_ref, f_ref, s_ref = tf.predict(model, variables, batch["graph"], stress=True)
     assert energy == pytest.approx(float(e_ref[0]), rel=1e-5)
     np.testing.assert_allclose(forces, f_ref[:32], atol=1e-5)
     np.testing.assert_allclose(stress, s_ref[0], atol=1e-6)
@@ -134,6 +135,37 @@ def test_calculator_matches_the_model_and_relaxes(straight_run):
     co = molecule("CO")
     co.calc = calc  # a molecule: no cell, no stress
     assert np.isfinite(co.get_potential_energy()) and co.get_forces().shape == (2, 3)
+
+
+def test_calculator_over_an_ensemble_gives_the_members_mean_and_spread(splits, straight_run, tmp_path):
+    from matjax.calculators import MatjaxCalculator
+
+    # A second member with a longer cutoff: the shared neighbour list reaches 4.5 A.
+    tf.train(dataclasses.replace(MODEL, cutoff=4.5), dataclasses.replace(TRAIN, seed=1), splits, tmp_path / "b")
+    runs = [straight_run[0], tmp_path / "b"]
+    atoms = bulk("Cu", "fcc", a=3.7, cubic=True).repeat(2)
+    atoms.numbers[[1, 6]] = 79
+    atoms.rattle(0.05, seed=0)
+
+    def results(calc):
+        atoms.calc = calc
+        atoms.get_potential_energy()
+        atoms.get_stress()
+        return calc.results
+
+    (a, b), both = [results(MatjaxCalculator(run)) for run in runs], results(MatjaxCalculator(runs))
+    assert both["energy"] == pytest.approx((a["energy"] + b["energy"]) / 2, rel=1e-6)
+    np.testing.assert_allclose(both["forces"], (a["forces"] + b["forces"]) / 2, atol=1e-6)
+    np.testing.assert_allclose(both["stress"], (a["stress"] + b["stress"]) / 2, atol=1e-7)
+    # Two members: each sits half their difference from the mean.
+    assert both["energy_std"] == pytest.approx(abs(a["energy"] - b["energy"]) / 2, rel=1e-5)
+    np.testing.assert_allclose(both["forces_std"], np.linalg.norm(a["forces"] - b["forces"], axis=1) / 2, atol=1e-6)
+    assert both["forces_std"].max() > 1e-4
+    twins = results(MatjaxCalculator([runs[0], runs[0]]))
+    assert twins["energy"] == pytest.approx(a["energy"]) and np.all(twins["forces_std"] == 0)
+    assert "forces_std" not in a  # one model has no spread to report
+    with pytest.raises(ValueError, match="no runs given"):
+        MatjaxCalculator([])
 
 
 def test_time_budget_stops_after_one_epoch_and_a_larger_budget_goes_on(splits, straight_run, tmp_path):

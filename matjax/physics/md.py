@@ -3,7 +3,8 @@
 A potential is ``potential(positions, lattice, nbrs) -> (energy, forces, stress, nbrs)``:
 it updates its neighbour list (``matjax.geometry.neighbors``) and returns the energy
 (eV), forces (eV/A) and stress (eV/A^3, ASE sign) — ``model_potential`` makes one from a
-trained force field. Integrators (all one force evaluation per step):
+trained force field, ``ensemble_potential`` from several (their mean energy). Integrators
+(all one force evaluation per step):
 
 - ``nve``: velocity Verlet (symplectic, time-reversible);
 - ``langevin``: BAOAB Langevin (Leimkuhler & Matthews 2013), stochastic NVT; the PRNG
@@ -69,24 +70,67 @@ class MDState:
     step: jnp.ndarray
 
 
-def neighbor_potential(make_energy: Callable, species, stress: bool = True) -> Callable:
-    """Potential over a neighbour list from ``make_energy(graph) -> energy(positions [N, 3],
-    lattice [1, 3, 3]) -> [1]`` (the signature of ``graph_energy_fn``); forces and stress
-    are its derivatives."""
+def neighbor_potentials(make_energies: Callable, species, stress: bool = True) -> Callable:
+    """K potentials over one neighbour list: ``make_energies(graph)`` returns K energy
+    functions with ``graph_energy_fn``'s signature (energy(positions [N, 3], lattice
+    [1, 3, 3]) -> [1]), e.g. the members of an ensemble.
+
+    Returns potential(positions, lattice, nbrs) -> (energies [K], forces [K, N, 3],
+    stress [K, 3, 3] (zeros without ``stress``), nbrs); each member's forces and stress
+    are the derivatives of its own energy.
+    """
     species = jnp.asarray(species)
 
     def potential(positions, lattice, nbrs):
         active, nbrs = within_cutoff(positions, lattice, update(positions, lattice, nbrs))
-        energy_fn = make_energy(active.graph(species))
-        energies, forces, sigma = energy_forces_stress(energy_fn, positions, lattice[None], stress=stress)
-        return energies[0], forces, sigma[0] if stress else jnp.zeros((3, 3), positions.dtype), nbrs
+        energies, forces, sigmas = [], [], []
+        for energy_fn in make_energies(active.graph(species)):
+            e, f, s = energy_forces_stress(energy_fn, positions, lattice[None], stress=stress)
+            energies.append(e[0])
+            forces.append(f)
+            sigmas.append(s[0] if stress else jnp.zeros((3, 3), positions.dtype))
+        return jnp.stack(energies), jnp.stack(forces), jnp.stack(sigmas), nbrs
 
     return potential
 
 
+def mean_potential(potentials: Callable) -> Callable:
+    """The potential whose energy is the mean of ``potentials``' (``neighbor_potentials``)
+    energies; its forces and stress, the derivatives of that mean, are the members' means,
+    so MD with it conserves energy like MD with any one member."""
+
+    def potential(positions, lattice, nbrs):
+        energies, forces, sigma, nbrs = potentials(positions, lattice, nbrs)
+        return energies.mean(0), forces.mean(0), sigma.mean(0), nbrs
+
+    return potential
+
+
+def neighbor_potential(make_energy: Callable, species, stress: bool = True) -> Callable:
+    """Potential over a neighbour list from ``make_energy(graph) -> energy(positions [N, 3],
+    lattice [1, 3, 3]) -> [1]`` (the signature of ``graph_energy_fn``); forces and stress
+    are its derivatives."""
+    return mean_potential(neighbor_potentials(lambda graph: [make_energy(graph)], species, stress))
+
+
+def members_potentials(members, species, stress: bool = True) -> Callable:
+    """``neighbor_potentials`` of trained force fields: members [(flax module, variables)].
+
+    The neighbour list must reach the largest member cutoff: each model's envelope is zero
+    beyond its own, so one list serves members of different cutoffs.
+    """
+    return neighbor_potentials(lambda graph: [graph_energy_fn(m, v, graph) for m, v in members], species, stress)
+
+
+def ensemble_potential(members, species, stress: bool = True) -> Callable:
+    """Potential of an ensemble of trained force fields [(flax module, variables)]: the
+    members' mean energy, and its derivatives (``mean_potential``)."""
+    return mean_potential(members_potentials(members, species, stress))
+
+
 def model_potential(model, variables, species, stress: bool = True) -> Callable:
     """Potential of a trained force field (flax module + variables) over a neighbour list."""
-    return neighbor_potential(lambda graph: graph_energy_fn(model, variables, graph), species, stress)
+    return ensemble_potential([(model, variables)], species, stress)
 
 
 def kinetic_energy(velocities, masses) -> jnp.ndarray:

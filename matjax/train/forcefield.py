@@ -367,6 +367,25 @@ def load_force_field(run_dir: str | Path, which: str = "best") -> tuple[nn.Modul
     return model, restored[0].variables(), model_cfg
 
 
+def ensemble_configs(run_dirs) -> list[tuple[MLFFConfig, MLFFTrainConfig]]:
+    """The runs' (model, train) configs; ValueError unless there is at least one and all were
+    trained on one dataset (an ensemble averages models of one system)."""
+    configs = [load_run_config(run) for run in run_dirs]
+    if len({(c.dataset, c.n_frames) for _, c in configs}) != 1:
+        names = ", ".join(f"{run} ({c.dataset})" for run, (_, c) in zip(run_dirs, configs))
+        raise ValueError(f"ensemble members must share a dataset (one run or more): {names or 'no runs given'}")
+    return configs
+
+
+def load_ensemble(run_dirs, which: str = "best") -> tuple[list[tuple[nn.Module, dict]], list[MLFFConfig]]:
+    """([(model, variables)] of each run, their model configs), after ``ensemble_configs``
+    checked the runs. A neighbour list for all members needs the largest of their cutoffs
+    (each model's envelope is zero beyond its own)."""
+    ensemble_configs(run_dirs)
+    loaded = [load_force_field(run, which) for run in run_dirs]
+    return [(model, variables) for model, variables, _ in loaded], [model_cfg for _, _, model_cfg in loaded]
+
+
 def train(model_cfg: MLFFConfig, cfg: MLFFTrainConfig, splits: dict[str, ForceFieldData], run_dir: str | Path):
     """Train (or resume) a force field; returns (model, best TrainState, history).
 
