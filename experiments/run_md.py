@@ -4,7 +4,7 @@
     python experiments/run_md.py --config test       # seconds, CPU
     python experiments/run_md.py --ensemble langevin --temperature 600
     python experiments/run_md.py --config si_nve --model-dir runs/mlff-mlearn-mlearn-Si-painn --record benchmarks/results/mlff_nve.json
-    python experiments/run_md.py --system mo --model-dir runs/mo-a runs/mo-b    # an ensemble of runs
+    python experiments/run_md.py --config mo_nve --model-dir runs/mo-a runs/mo-b    # an ensemble of runs
 
 Trains the default model first if ``--model-dir`` holds none. Writes <out>/trajectory.extxyz
 (readable by ASE), observables.csv, md.png and summary.json (energy drift per atom and
@@ -39,6 +39,8 @@ CONFIGS = {
     "test": MDConfig(ensemble="nve", system="cu_au", repeat=2, temperature_K=300.0, dt_fs=2.0, steps=100, record_every=10),
     # NVE of 64-atom diamond Si with the mlearn-Si model: 10 ps at 1 fs from 600 K.
     "si_nve": MDConfig(ensemble="nve", system="si", repeat=2, temperature_K=600.0, dt_fs=1.0, steps=10000, record_every=20),
+    # NVE of 54-atom bcc Mo with an mlearn-Mo model or ensemble: 10 ps at 1 fs from 600 K.
+    "mo_nve": MDConfig(ensemble="nve", system="mo", repeat=3, temperature_K=600.0, dt_fs=1.0, steps=10000, record_every=20),
 }
 DEFAULT_RUN = Path("runs/mlff-default-emt-invariant")
 
