@@ -82,20 +82,26 @@ def max_force_deviation(runs: list[Path], atoms, positions) -> np.ndarray:
     return np.array(deviation)
 
 
-def plot(traj: md.Trajectory, n_atoms: int, path: Path) -> None:
+def plot(traj: md.Trajectory, n_atoms: int, path: Path, max_force_std: np.ndarray | None = None) -> None:
+    """Energies and temperature against time; an ensemble's member force deviation below them."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    rows = 2 if max_force_std is None else 3
+    fig, axes = plt.subplots(rows, 1, figsize=(7, 3 * rows), sharex=True)
     t = traj.time_fs / 1000
     for y, label in [(traj.conserved, "conserved"), (traj.potential, "potential"), (traj.kinetic + traj.potential, "kinetic + potential")]:
-        a.plot(t, 1000 * (y - y[0]) / n_atoms, label=label)
-    a.set(ylabel="energy change (meV/atom)")
-    a.legend()
-    b.plot(t, traj.temperature)
-    b.set(xlabel="time (ps)", ylabel="temperature (K)")
+        axes[0].plot(t, 1000 * (y - y[0]) / n_atoms, label=label)
+    axes[0].set(ylabel="energy change (meV/atom)")
+    axes[0].legend()
+    axes[1].plot(t, traj.temperature)
+    axes[1].set(ylabel="temperature (K)")
+    if max_force_std is not None:
+        axes[2].plot(t, max_force_std)
+        axes[2].set(ylabel="largest member force\ndeviation (eV/A)")
+    axes[-1].set(xlabel="time (ps)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -139,7 +145,7 @@ def main() -> None:
         observables["max_force_std"] = max_force_deviation(args.model_dir, atoms, traj.positions)
     np.savetxt(args.out / "observables.csv", np.stack(list(observables.values()), 1), delimiter=",",
                header=",".join(observables), comments="")
-    plot(traj, len(atoms), args.out / "md.png")
+    plot(traj, len(atoms), args.out / "md.png", observables.get("max_force_std"))
     summary = {
         "drift_meV_per_atom_per_ps": traj.drift_meV_per_atom_per_ps(), "system": f"{cfg.system} ({len(atoms)} atoms)",
         "steps": int(len(traj.time_fs) * cfg.record_every), "dt_fs": cfg.dt_fs, "ensemble": cfg.ensemble,

@@ -104,6 +104,7 @@ def test_train_mlff_an_ensemble_then_run_md(tmp_path):
     assert summary["stopped"] is None and abs(summary["drift_meV_per_atom_per_ps"]) < 10
     observables = np.genfromtxt(tmp_path / "md3" / "observables.csv", delimiter=",", names=True)
     assert len(observables) == 10 and np.all(observables["max_force_std"] > 0)
+    assert (tmp_path / "md3" / "md.png").stat().st_size > 1000
     assert summary["max_force_std_eV_per_A"] == pytest.approx(observables["max_force_std"].max(), rel=1e-6)
     stderr = run_experiment("run_md.py", tmp_path / "bad_md", "--model-dir", str(tmp_path / "ff"), str(other), returncode=1)
     assert "must share a dataset" in stderr
