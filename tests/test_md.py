@@ -71,12 +71,15 @@ def test_nve_conserves_energy_and_writes_extxyz(tmp_path):
 
 def test_an_ensemble_potential_is_the_mean_of_its_members():
     atoms = _argon(repeat=2)
-    fns, nbrs, single, _ = _setup(atoms)
+    _, nbrs, single, _ = _setup(atoms)
 
     def scaled(factor):
         return lambda graph: (lambda positions, lattice: factor * lennard_jones(graph)(positions, lattice))
 
-    members = jax.jit(md.neighbor_potentials(lambda graph: [lennard_jones(graph), scaled(3.0)(graph)], atoms.numbers))
+    def pair(graph):
+        return [lennard_jones(graph), scaled(3.0)(graph)]
+
+    members = jax.jit(md.neighbor_potentials(pair, atoms.numbers))
     energies, forces, stress, _ = members(atoms.positions, atoms.cell.array, nbrs)
     assert energies.shape == (2,) and forces.shape == (2, len(atoms), 3) and stress.shape == (2, 3, 3)
     e, f, s, _ = single(atoms.positions, atoms.cell.array, nbrs)
@@ -84,7 +87,7 @@ def test_an_ensemble_potential_is_the_mean_of_its_members():
     np.testing.assert_allclose(forces[1], 3 * f, rtol=1e-5, atol=1e-6)  # float32 sums of O(0.1) eV/A terms
     assert np.abs(f).max() > 1e-3
     # The mean potential is the potential of the mean energy: forces and stress are its derivatives.
-    mean = md.mean_potential(md.neighbor_potentials(lambda graph: [lennard_jones(graph), scaled(3.0)(graph)], atoms.numbers))
+    mean = md.mean_potential(md.neighbor_potentials(pair, atoms.numbers))
     for got, want in zip(mean(atoms.positions, atoms.cell.array, nbrs)[:3],
                          md.neighbor_potential(scaled(2.0), atoms.numbers)(atoms.positions, atoms.cell.array, nbrs)[:3]):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
