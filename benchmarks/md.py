@@ -168,7 +168,7 @@ def run_size(n_atoms: int, repeats: int, model, torch_calc, impls) -> dict:
     f_med, f_best = median_seconds(lambda: jax.block_until_ready(evaluate(*args)[1]), repeats)
 
     calculators = {  # (b) the same model, one step at a time from Python; (c); (d)
-        "ase_loop": lambda: MatjaxCalculator(model=model, variables=variables, cutoff=SEED_MODEL.cutoff, skin=SKIN),
+        "ase_loop": lambda: MatjaxCalculator(members=[(model, variables)], cutoff=SEED_MODEL.cutoff, skin=SKIN),
         "torch_seed": lambda: torch_calc, "emt": EMT,
     }
     for impl, make in calculators.items():
@@ -191,11 +191,13 @@ def run_size(n_atoms: int, repeats: int, model, torch_calc, impls) -> dict:
 
 def table(results) -> str:
     """Atom-steps/s per implementation and size, for people."""
-    lines = ["atoms  " + "".join(f"{name:>12s}" for name in IMPLS) + "   matjax/torch"]
+    baselines = ("torch_seed", "ase_loop")
+    lines = ["atoms  " + "".join(f"{name:>12s}" for name in IMPLS) + "".join(f"{'matjax/' + b:>18s}" for b in baselines)]
     for r in results:
-        cells = "".join(f"{r['rates'][k]:12,.0f}" if k in r["rates"] else f"{'-':>12s}" for k in IMPLS)
-        ratio = r["rates"]["matjax"] / r["rates"]["torch_seed"] if "torch_seed" in r["rates"] else float("nan")
-        lines.append(f"{r['n_atoms']:5d}  {cells}   {ratio:8.1f}x")
+        rates = r["rates"]
+        cells = "".join(f"{rates[k]:12,.0f}" if k in rates else f"{'-':>12s}" for k in IMPLS)
+        ratios = "".join(f"{rates['matjax'] / rates[b]:17.2f}x" if b in rates else f"{'-':>18s}" for b in baselines)
+        lines.append(f"{r['n_atoms']:5d}  {cells}{ratios}")
     return "\n".join(lines)
 
 

@@ -70,10 +70,11 @@ def integrator(cfg: MDConfig, potential):
     raise ValueError(f"unknown ensemble {cfg.ensemble!r}; choose nve, langevin or nhc")
 
 
-def max_force_deviation(runs: list[Path], atoms, positions) -> np.ndarray:
-    """[T] the largest atomic force deviation between the ensemble's members (eV/A) in each of the frames [T, N, 3]."""
+def max_force_deviation(members, cutoff: float, atoms, positions) -> np.ndarray:
+    """[T] the largest atomic force deviation between the ensemble's ``members`` [(module,
+    variables)] (eV/A) in each of the frames [T, N, 3]."""
     atoms = atoms.copy()
-    atoms.calc = MatjaxCalculator(runs)
+    atoms.calc = MatjaxCalculator(members=members, cutoff=cutoff)
     deviation = []
     for frame in positions:
         atoms.positions = frame
@@ -127,7 +128,8 @@ def main() -> None:
 
     members, model_cfgs = load_ensemble(args.model_dir)
     atoms = build_system(cfg)
-    fns = neighbor_list(max(c.cutoff for c in model_cfgs), cfg.skin)
+    cutoff = max(c.cutoff for c in model_cfgs)
+    fns = neighbor_list(cutoff, cfg.skin)
     nbrs = fns.allocate(atoms.positions, atoms.cell.array)
     init_fn, step_fn, conserved = integrator(cfg, md.ensemble_potential(members, atoms.numbers))
     masses = atoms.get_masses()
@@ -142,7 +144,7 @@ def main() -> None:
     columns = ["time_fs", "kinetic", "potential", "conserved", "temperature", "pressure_GPa", "max_force"]
     observables = {c: getattr(traj, c) for c in columns}
     if len(members) > 1:
-        observables["max_force_std"] = max_force_deviation(args.model_dir, atoms, traj.positions)
+        observables["max_force_std"] = max_force_deviation(members, cutoff, atoms, traj.positions)
     np.savetxt(args.out / "observables.csv", np.stack(list(observables.values()), 1), delimiter=",",
                header=",".join(observables), comments="")
     plot(traj, len(atoms), args.out / "md.png", observables.get("max_force_std"))

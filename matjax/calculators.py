@@ -35,12 +35,13 @@ class MatjaxCalculator(Calculator):
     ``energy_std`` (eV, the members' standard deviation) and ``forces_std`` [N] (eV/A, each
     atom's RMS deviation of the members' forces from their mean: DeePMD's model deviation,
     large where the members disagree, i.e. outside their training data).
-    Or pass ``model``, ``variables`` and ``cutoff`` directly. skin: neighbour-list skin (A).
+    Or pass ``members`` [(flax module, variables)] and ``cutoff`` (A, the largest member
+    cutoff) directly. skin: neighbour-list skin (A).
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "stress"]
 
-    def __init__(self, run_dir=None, *, model=None, variables=None, cutoff: float | None = None,
+    def __init__(self, run_dir=None, *, members=None, cutoff: float | None = None,
                  skin: float = 0.5, which: str = "best", **kwargs):
         super().__init__(**kwargs)
         if run_dir is not None:
@@ -49,10 +50,10 @@ class MatjaxCalculator(Calculator):
             runs = [run_dir] if isinstance(run_dir, (str, os.PathLike)) else list(run_dir)
             self.members, configs = load_ensemble(runs, which)
             cutoff = max(member_cfg.cutoff for member_cfg in configs)
-        elif model is None or variables is None or cutoff is None:
-            raise ValueError("give a run_dir (or a list of them), or model, variables and cutoff")
+        elif not members or cutoff is None:
+            raise ValueError("give a run_dir (or a list of them), or members [(model, variables)] and cutoff")
         else:
-            self.members = [(model, variables)]
+            self.members = list(members)
         self.cutoff, self.skin = cutoff, skin
         self._key = None
         self._nbrs = None

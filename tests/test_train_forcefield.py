@@ -164,8 +164,13 @@ def test_calculator_over_an_ensemble_gives_the_members_mean_and_spread(splits, s
     twins = results(MatjaxCalculator([runs[0], runs[0]]))
     assert twins["energy"] == pytest.approx(a["energy"]) and np.all(twins["forces_std"] == 0)
     assert "forces_std" not in a  # one model has no spread to report
+    members, _ = tf.load_ensemble(runs)
+    direct = results(MatjaxCalculator(members=members, cutoff=4.5))
+    np.testing.assert_array_equal(direct["forces_std"], both["forces_std"])
     with pytest.raises(ValueError, match="no runs given"):
         MatjaxCalculator([])
+    with pytest.raises(ValueError, match="members .* and cutoff"):
+        MatjaxCalculator(members=members)
 
 
 def test_time_budget_stops_after_one_epoch_and_a_larger_budget_goes_on(splits, straight_run, tmp_path):
