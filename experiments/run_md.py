@@ -28,7 +28,6 @@ import jax
 import numpy as np
 from ase.build import bulk
 
-from matjax.calculators import MatjaxCalculator
 from matjax.config import MDConfig
 from matjax.geometry.neighbors import neighbor_list
 from matjax.physics import md
@@ -68,19 +67,6 @@ def integrator(cfg: MDConfig, potential):
     if cfg.ensemble == "nhc":
         return md.nose_hoover_chain(potential, cfg.dt_fs, cfg.temperature_K, cfg.tau_fs)
     raise ValueError(f"unknown ensemble {cfg.ensemble!r}; choose nve, langevin or nhc")
-
-
-def max_force_deviation(members, cutoff: float, atoms, positions) -> np.ndarray:
-    """[T] the largest atomic force deviation between the ensemble's ``members`` [(module,
-    variables)] (eV/A) in each of the frames [T, N, 3]."""
-    atoms = atoms.copy()
-    atoms.calc = MatjaxCalculator(members=members, cutoff=cutoff)
-    deviation = []
-    for frame in positions:
-        atoms.positions = frame
-        atoms.get_forces()
-        deviation.append(atoms.calc.results["forces_std"].max())
-    return np.array(deviation)
 
 
 def plot(traj: md.Trajectory, n_atoms: int, path: Path, max_force_std: np.ndarray | None = None) -> None:
@@ -144,7 +130,7 @@ def main() -> None:
     columns = ["time_fs", "kinetic", "potential", "conserved", "temperature", "pressure_GPa", "max_force"]
     observables = {c: getattr(traj, c) for c in columns}
     if len(members) > 1:
-        observables["max_force_std"] = max_force_deviation(members, cutoff, atoms, traj.positions)
+        observables["max_force_std"] = traj.max_force_std
     np.savetxt(args.out / "observables.csv", np.stack(list(observables.values()), 1), delimiter=",",
                header=",".join(observables), comments="")
     plot(traj, len(atoms), args.out / "md.png", observables.get("max_force_std"))

@@ -23,7 +23,7 @@ from ase.stress import full_3x3_to_voigt_6_stress
 
 from matjax.geometry.neighbors import neighbor_list
 from matjax.geometry.periodic import MOLECULE_BOX
-from matjax.physics.md import members_potentials
+from matjax.physics.md import force_deviation, members_potentials
 
 
 class MatjaxCalculator(Calculator):
@@ -33,8 +33,7 @@ class MatjaxCalculator(Calculator):
     list of runs on one dataset: an ensemble, whose energy is the members' mean and whose
     forces and stress are that mean's derivatives. An ensemble's results also hold
     ``energy_std`` (eV, the members' standard deviation) and ``forces_std`` [N] (eV/A, each
-    atom's RMS deviation of the members' forces from their mean: DeePMD's model deviation,
-    large where the members disagree, i.e. outside their training data).
+    atom's RMS deviation of the members' forces from their mean, ``force_deviation``).
     Or pass ``members`` [(flax module, variables)] and ``cutoff`` (A, the largest member
     cutoff) directly. skin: neighbour-list skin (A).
     """
@@ -88,4 +87,4 @@ class MatjaxCalculator(Calculator):
             self.results["stress"] = full_3x3_to_voigt_6_stress(stress.mean(0))
         if len(self.members) > 1:
             self.results["energy_std"] = float(energies.std())
-            self.results["forces_std"] = np.sqrt(np.mean(np.sum((forces - forces.mean(0)) ** 2, -1), 0))
+            self.results["forces_std"] = force_deviation(forces)

@@ -82,15 +82,33 @@ def test_an_ensemble_potential_is_the_mean_of_its_members():
     members = jax.jit(md.neighbor_potentials(pair, atoms.numbers))
     energies, forces, stress, _ = members(atoms.positions, atoms.cell.array, nbrs)
     assert energies.shape == (2,) and forces.shape == (2, len(atoms), 3) and stress.shape == (2, 3, 3)
-    e, f, s, _ = single(atoms.positions, atoms.cell.array, nbrs)
+    e, f, s, *_ = single(atoms.positions, atoms.cell.array, nbrs)
     np.testing.assert_allclose(energies, [e, 3 * e], rtol=1e-6)
     np.testing.assert_allclose(forces[1], 3 * f, rtol=1e-5, atol=1e-6)  # float32 sums of O(0.1) eV/A terms
     assert np.abs(f).max() > 1e-3
     # The mean potential is the potential of the mean energy: forces and stress are its derivatives.
     mean = md.mean_potential(md.neighbor_potentials(pair, atoms.numbers))
-    for got, want in zip(mean(atoms.positions, atoms.cell.array, nbrs)[:3],
-                         md.neighbor_potential(scaled(2.0), atoms.numbers)(atoms.positions, atoms.cell.array, nbrs)[:3]):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    got = mean(atoms.positions, atoms.cell.array, nbrs)
+    for got_x, want in zip(got[:3], md.neighbor_potential(scaled(2.0), atoms.numbers)(atoms.positions, atoms.cell.array, nbrs)[:3]):
+        np.testing.assert_allclose(got_x, want, rtol=1e-5, atol=1e-6)
+    # Members f and 3 f about their mean 2 f: each atom's spread is |f|; one model has none.
+    np.testing.assert_allclose(got[4], np.linalg.norm(f, axis=1), rtol=1e-5, atol=1e-6)
+    assert np.all(single(atoms.positions, atoms.cell.array, nbrs)[4] == 0)
+
+
+def test_md_records_the_ensemble_force_spread_at_every_record():
+    atoms = _argon(repeat=2)
+    fns, nbrs, _, masses = _setup(atoms)
+    pair = md.mean_potential(md.neighbor_potentials(
+        lambda graph: [lennard_jones(graph), lambda p, lat: 3.0 * lennard_jones(graph)(p, lat)], atoms.numbers))
+    init_fn, step_fn = md.nve(pair, dt_fs=5.0)
+    velocities = md.maxwell_boltzmann(jax.random.PRNGKey(0), masses, 60.0)
+    state = init_fn(atoms.positions, atoms.cell.array, masses, velocities, nbrs)
+    _, traj = md.simulate(step_fn, state, 100, 10, dt_fs=5.0, neighbor_fns=fns, progress=False)
+    # The mean force is 2 f and the spread |f| on every atom, so the largest spread is half the largest force.
+    assert traj.stopped is None and traj.max_force_std.shape == (10,)
+    np.testing.assert_allclose(traj.max_force_std, traj.max_force / 2, rtol=1e-5)
+    assert traj.max_force_std.min() > 1e-3
 
 
 @pytest.mark.parametrize("thermostat", ["langevin", "nose_hoover_chain"])

@@ -1,10 +1,11 @@
 """Molecular dynamics under ``jit``: integrators as (init_fn, step_fn) pairs, scanned runs.
 
-A potential is ``potential(positions, lattice, nbrs) -> (energy, forces, stress, nbrs)``:
-it updates its neighbour list (``matjax.geometry.neighbors``) and returns the energy
-(eV), forces (eV/A) and stress (eV/A^3, ASE sign) — ``model_potential`` makes one from a
-trained force field, ``ensemble_potential`` from several (their mean energy). Integrators
-(all one force evaluation per step):
+A potential is ``potential(positions, lattice, nbrs) -> (energy, forces, stress, nbrs,
+force_std)``: it updates its neighbour list (``matjax.geometry.neighbors``) and returns the
+energy (eV), forces (eV/A), stress (eV/A^3, ASE sign) and each atom's spread of the members'
+forces (eV/A, zero for one model) — ``model_potential`` makes one from a trained force
+field, ``ensemble_potential`` from several (their mean energy). Integrators (all one force
+evaluation per step):
 
 - ``nve``: velocity Verlet (symplectic, time-reversible);
 - ``langevin``: BAOAB Langevin (Leimkuhler & Matthews 2013), stochastic NVT; the PRNG
@@ -15,9 +16,9 @@ trained force field, ``ensemble_potential`` from several (their mean energy). In
 
 ``simulate`` runs ``lax.scan`` over records of an inner ``lax.fori_loop`` of steps,
 recording thinned observables (kinetic and potential energy, temperature, pressure,
-max force) and positions. It runs in segments: after each, the host re-allocates the
-neighbour list and replays the segment if it overflowed, and stops with a message
-(keeping the trajectory so far) if the run blew up.
+max force, largest member force spread) and positions. It runs in segments: after each,
+the host re-allocates the neighbour list and replays the segment if it overflowed, and
+stops with a message (keeping the trajectory so far) if the run blew up.
 
 Units at the interface: Angstrom, eV, amu, fs, K. Inside, time is in ASE's unit
 (Angstrom sqrt(amu / eV) = 10.18 fs), so F / m is an acceleration and m v^2 / 2 an energy.
@@ -51,7 +52,8 @@ class MDState:
     """State of every integrator (N atoms, M chain thermostats; M = 0 without one).
 
     positions [N, 3] A; velocities [N, 3] A per ASE time unit; forces [N, 3] eV/A;
-    energy () eV; stress [3, 3] eV/A^3; masses [N] amu; lattice [3, 3]; nbrs: the
+    energy () eV; stress [3, 3] eV/A^3; force_std [N] eV/A (``force_deviation`` of an
+    ensemble's members, zeros for one model); masses [N] amu; lattice [3, 3]; nbrs: the
     potential's neighbour list (or None); key: PRNG key; chain_positions / chain_velocities
     [M]: Nose-Hoover chain; step: () int32.
     """
@@ -61,6 +63,7 @@ class MDState:
     forces: jnp.ndarray
     energy: jnp.ndarray
     stress: jnp.ndarray
+    force_std: jnp.ndarray
     masses: jnp.ndarray
     lattice: jnp.ndarray
     nbrs: object
@@ -94,14 +97,22 @@ def neighbor_potentials(make_energies: Callable, species, stress: bool = True) -
     return potential
 
 
+def force_deviation(forces) -> jnp.ndarray:
+    """[N] each atom's RMS deviation of K members' forces [K, N, 3] from their mean (eV/A):
+    DeePMD's model deviation, large where the members disagree, i.e. off their training data."""
+    # Array methods only, so numpy input stays numpy (float64 in the ASE calculator).
+    return ((forces - forces.mean(0)) ** 2).sum(-1).mean(0) ** 0.5
+
+
 def mean_potential(potentials: Callable) -> Callable:
     """The potential whose energy is the mean of ``potentials``' (``neighbor_potentials``)
     energies; its forces and stress, the derivatives of that mean, are the members' means,
-    so MD with it conserves energy like MD with any one member."""
+    so MD with it conserves energy like MD with any one member. Its last output is the
+    members' ``force_deviation`` [N]."""
 
     def potential(positions, lattice, nbrs):
         energies, forces, sigma, nbrs = potentials(positions, lattice, nbrs)
-        return energies.mean(0), forces.mean(0), sigma.mean(0), nbrs
+        return energies.mean(0), forces.mean(0), sigma.mean(0), nbrs, force_deviation(forces)
 
     return potential
 
@@ -160,10 +171,10 @@ def maxwell_boltzmann(key, masses, temperature_K: float) -> jnp.ndarray:
 
 def _init(potential, positions, lattice, masses, velocities, nbrs, key, chain_length: int) -> MDState:
     positions, lattice = jnp.asarray(positions), jnp.asarray(lattice, dtype=jnp.asarray(positions).dtype)
-    energy, forces, sigma, nbrs = jax.jit(potential)(positions, lattice, nbrs)
+    energy, forces, sigma, nbrs, force_std = jax.jit(potential)(positions, lattice, nbrs)
     return MDState(
         positions=positions, velocities=jnp.asarray(velocities, positions.dtype), forces=forces, energy=energy,
-        stress=sigma, masses=jnp.asarray(masses, positions.dtype), lattice=lattice, nbrs=nbrs,
+        stress=sigma, force_std=force_std, masses=jnp.asarray(masses, positions.dtype), lattice=lattice, nbrs=nbrs,
         key=jax.random.PRNGKey(0) if key is None else key,
         chain_positions=jnp.zeros(chain_length, positions.dtype),
         chain_velocities=jnp.zeros(chain_length, positions.dtype), step=jnp.array(0, jnp.int32),
@@ -175,8 +186,8 @@ def _kick(state: MDState, half_dt) -> MDState:
 
 
 def _forces(potential, state: MDState) -> MDState:
-    energy, forces, sigma, nbrs = potential(state.positions, state.lattice, state.nbrs)
-    return state.replace(energy=energy, forces=forces, stress=sigma, nbrs=nbrs)
+    energy, forces, sigma, nbrs, force_std = potential(state.positions, state.lattice, state.nbrs)
+    return state.replace(energy=energy, forces=forces, stress=sigma, nbrs=nbrs, force_std=force_std)
 
 
 def nve(potential, dt_fs: float):
@@ -286,6 +297,7 @@ def observe(state: MDState, conserved=None) -> dict:
         "pressure_GPa": EV_PER_A3_IN_GPA * pressure,
         "conserved": kinetic + state.energy if conserved is None else conserved(state),
         "max_force": jnp.sqrt(jnp.max(jnp.sum(state.forces**2, axis=-1))),
+        "max_force_std": jnp.max(state.force_std),
         "positions": state.positions,
     }
 
@@ -295,8 +307,9 @@ class Trajectory:
     """Recorded observables (T records), host side.
 
     time_fs, kinetic, potential, conserved (eV), temperature (K), pressure_GPa,
-    max_force (eV/A): [T]; positions [T, N, 3]. stopped: why the run ended early, or None.
-    reallocations: neighbour-list re-allocations (each replayed its segment).
+    max_force, max_force_std (eV/A, the largest atomic ``force_deviation`` of an ensemble's
+    members; zeros for one model): [T]; positions [T, N, 3]. stopped: why the run ended
+    early, or None. reallocations: neighbour-list re-allocations (each replayed its segment).
     """
 
     time_fs: np.ndarray
@@ -306,6 +319,7 @@ class Trajectory:
     temperature: np.ndarray
     pressure_GPa: np.ndarray
     max_force: np.ndarray
+    max_force_std: np.ndarray
     positions: np.ndarray
     stopped: str | None = None
     reallocations: int = 0
