@@ -103,10 +103,13 @@ def main() -> None:
     parser.add_argument("--ensemble", choices=["nve", "langevin", "nhc"])
     parser.add_argument("--temperature", type=float)
     parser.add_argument("--steps", type=int)
+    parser.add_argument("--max-force-std", type=float,
+                        help="an ensemble: stop when the members' force spread on an atom passes this (eV/A)")
     parser.add_argument("--out", type=Path, default=Path("runs/md"))
     parser.add_argument("--record", type=Path, help="write the NVE drift into this results JSON")
     args = parser.parse_args()
-    overrides = {"system": args.system, "ensemble": args.ensemble, "temperature_K": args.temperature, "steps": args.steps}
+    overrides = {"system": args.system, "ensemble": args.ensemble, "temperature_K": args.temperature, "steps": args.steps,
+                 "max_force_std": args.max_force_std}
     cfg = dataclasses.replace(CONFIGS[args.config], **{k: v for k, v in overrides.items() if v is not None})
     if len(args.model_dir) == 1 and not (args.model_dir[0] / "checkpoints").exists():
         train = [sys.executable, str(Path(__file__).with_name("train_mlff.py")), "--out", str(args.model_dir[0])]
@@ -122,7 +125,8 @@ def main() -> None:
     velocities = md.maxwell_boltzmann(jax.random.PRNGKey(cfg.seed), masses, cfg.temperature_K)
     state = init_fn(atoms.positions, atoms.cell.array, masses, velocities, nbrs, key=jax.random.PRNGKey(cfg.seed + 1))
     start = time.perf_counter()
-    state, traj = md.simulate(step_fn, state, cfg.steps, cfg.record_every, cfg.dt_fs, neighbor_fns=fns, conserved=conserved)
+    state, traj = md.simulate(step_fn, state, cfg.steps, cfg.record_every, cfg.dt_fs, neighbor_fns=fns, conserved=conserved,
+                              max_force_std=cfg.max_force_std)
     wall = time.perf_counter() - start
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -133,7 +137,8 @@ def main() -> None:
         observables["max_force_std"] = traj.max_force_std
     np.savetxt(args.out / "observables.csv", np.stack(list(observables.values()), 1), delimiter=",",
                header=",".join(observables), comments="")
-    plot(traj, len(atoms), args.out / "md.png", observables.get("max_force_std"))
+    if len(traj.time_fs):  # a run stopped at its first record has nothing to plot
+        plot(traj, len(atoms), args.out / "md.png", observables.get("max_force_std"))
     summary = {
         "drift_meV_per_atom_per_ps": traj.drift_meV_per_atom_per_ps(), "system": f"{cfg.system} ({len(atoms)} atoms)",
         "steps": int(len(traj.time_fs) * cfg.record_every), "dt_fs": cfg.dt_fs, "ensemble": cfg.ensemble,
@@ -142,7 +147,7 @@ def main() -> None:
         "atom_steps_per_s": len(atoms) * len(traj.time_fs) * cfg.record_every / wall,
         "neighbor_reallocations": traj.reallocations, "stopped": traj.stopped,
     }
-    if "max_force_std" in observables:
+    if "max_force_std" in observables and len(traj.time_fs):
         summary["max_force_std_eV_per_A"] = float(observables["max_force_std"].max())
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary))

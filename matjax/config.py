@@ -263,7 +263,8 @@ class MDConfig:
     system: named starting crystal, repeated ``repeat`` times along each axis;
     temperature_K: initial (NVE) or target temperature; dt_fs: time step; steps, recorded
     every ``record_every`` steps; friction_per_fs (Langevin); tau_fs (chain period);
-    skin: neighbour-list skin (Angstrom); seed: velocities and noise.
+    skin: neighbour-list skin (Angstrom); seed: velocities and noise; max_force_std: stop
+    when an ensemble's largest atomic member force spread passes it (eV/A; none by default).
     """
 
     ensemble: str = "nve"
@@ -277,6 +278,7 @@ class MDConfig:
     tau_fs: float = 100.0
     skin: float = 0.5
     seed: int = 0
+    max_force_std: float = float("inf")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -106,6 +106,13 @@ def test_train_mlff_an_ensemble_then_run_md(tmp_path):
     assert len(observables) == 10 and np.all(observables["max_force_std"] > 0)
     assert (tmp_path / "md3" / "md.png").stat().st_size > 1000
     assert summary["max_force_std_eV_per_A"] == pytest.approx(observables["max_force_std"].max(), rel=1e-6)
+    # The same run with a bound on the spread stops where the spread first passes it.
+    bound = float(np.median(observables["max_force_std"]))
+    run_experiment("run_md.py", tmp_path / "md3_bound", "--model-dir", *runs, "--max-force-std", str(bound))
+    summary = json.loads((tmp_path / "md3_bound" / "summary.json").read_text())
+    assert "extrapolating" in summary["stopped"]
+    rows = (tmp_path / "md3_bound" / "observables.csv").read_text().splitlines()[1:]
+    assert len(rows) == np.argmax(observables["max_force_std"] > bound)
     stderr = run_experiment("run_md.py", tmp_path / "bad_md", "--model-dir", str(tmp_path / "ff"), str(other), returncode=1)
     assert "must share a dataset" in stderr
     from ase.io import read

@@ -109,6 +109,13 @@ def test_md_records_the_ensemble_force_spread_at_every_record():
     assert traj.stopped is None and traj.max_force_std.shape == (10,)
     np.testing.assert_allclose(traj.max_force_std, traj.max_force / 2, rtol=1e-5)
     assert traj.max_force_std.min() > 1e-3
+    # A bound on the spread stops the run at the first record beyond it, keeping those before.
+    bound = float(np.median(traj.max_force_std))
+    first = int(np.argmax(traj.max_force_std > bound))
+    with pytest.warns(RuntimeWarning, match="force spread above .* extrapolating"):
+        _, stopped = md.simulate(step_fn, state, 100, 10, dt_fs=5.0, neighbor_fns=fns, max_force_std=bound, progress=False)
+    assert stopped.stopped is not None and len(stopped.time_fs) == first
+    np.testing.assert_array_equal(stopped.max_force_std, traj.max_force_std[:first])
 
 
 @pytest.mark.parametrize("thermostat", ["langevin", "nose_hoover_chain"])
@@ -137,7 +144,7 @@ def test_blow_up_stops_with_a_message_and_keeps_the_trajectory():
     fns, nbrs, potential, masses = _setup(atoms)
     init_fn, step_fn = md.nve(potential, dt_fs=5.0)
     state = init_fn(atoms.positions, atoms.cell.array, masses, np.zeros((len(atoms), 3)), nbrs)
-    with pytest.warns(RuntimeWarning, match="MD blew up"):
+    with pytest.warns(RuntimeWarning, match="MD stopped at step"):
         last, traj = md.simulate(step_fn, state, 400, 2, dt_fs=5.0, neighbor_fns=fns, max_force=50.0,
                                  records_per_segment=50, progress=False)
     assert traj.stopped is not None and "force above" in traj.stopped

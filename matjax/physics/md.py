@@ -18,7 +18,8 @@ evaluation per step):
 recording thinned observables (kinetic and potential energy, temperature, pressure,
 max force, largest member force spread) and positions. It runs in segments: after each,
 the host re-allocates the neighbour list and replays the segment if it overflowed, and
-stops with a message (keeping the trajectory so far) if the run blew up.
+stops with a message (keeping the trajectory so far) if the run blew up or, for an
+ensemble given a bound on its members' force spread, left their training data.
 
 Units at the interface: Angstrom, eV, amu, fs, K. Inside, time is in ASE's unit
 (Angstrom sqrt(amu / eV) = 10.18 fs), so F / m is an acceleration and m v^2 / 2 an energy.
@@ -346,14 +347,16 @@ class Trajectory:
         write(str(path), frames, format="extxyz")
 
 
-def _first_bad(records: dict, max_temperature: float, max_force: float) -> tuple[int | None, str | None]:
-    """Index of the first record that blew up, and why."""
+def _first_bad(records: dict, max_temperature: float, max_force: float, max_force_std: float) -> tuple[int | None, str | None]:
+    """Index of the first record that blew up (or extrapolated), and why."""
     scalars = ["kinetic", "potential", "temperature", "max_force"]
     finite = np.all([np.isfinite(records[k]) for k in scalars], axis=0) & np.isfinite(records["positions"]).all(axis=(1, 2))
     checks = [
         (~finite, "non-finite energy, forces or positions"),
         (records["temperature"] > max_temperature, f"temperature above {max_temperature:g} K"),
         (records["max_force"] > max_force, f"a force above {max_force:g} eV/A"),
+        (records["max_force_std"] > max_force_std,
+         f"the members' force spread above {max_force_std:g} eV/A (the ensemble is extrapolating)"),
     ]
     bad = [(int(np.argmax(mask)), why) for mask, why in checks if mask.any()]
     return min(bad) if bad else (None, None)
@@ -380,6 +383,7 @@ def simulate(
     conserved=None,
     max_temperature: float = 1e4,
     max_force: float = 100.0,
+    max_force_std: float = math.inf,
     records_per_segment: int = 20,
     progress: bool = True,
 ) -> tuple[MDState, Trajectory]:
@@ -389,8 +393,10 @@ def simulate(
     segment of ``records_per_segment`` records. After each segment the host checks: if
     the neighbour list overflowed, it is re-allocated (``neighbor_fns.allocate``) from the
     segment's start and the segment replayed; if a record is non-finite or beyond
-    ``max_temperature`` / ``max_force``, the run stops with ``Trajectory.stopped`` set, a
-    warning, and the records before it. Returns (last good state, Trajectory).
+    ``max_temperature`` / ``max_force`` / ``max_force_std`` (eV/A, the largest atomic
+    spread of an ensemble's member forces: DeePMD-style sampling keeps frames below about
+    0.15-0.3 eV/A), the run stops with ``Trajectory.stopped`` set, a warning, and the
+    records before it. Returns (last good state, Trajectory).
     """
     if n_steps <= 0 or n_steps % record_every:
         raise ValueError(f"n_steps ({n_steps}) must be a positive multiple of record_every ({record_every})")
@@ -408,11 +414,11 @@ def simulate(
             state = state.replace(nbrs=nbrs)
             reallocations += 1
             continue
-        bad, why = _first_bad(records, max_temperature, max_force)
+        bad, why = _first_bad(records, max_temperature, max_force, max_force_std)
         if bad is not None:
             records = {k: v[:bad] for k, v in records.items()}
             step = int(state.step) + (bad + 1) * record_every
-            stopped = f"MD blew up at step {step} ({step * dt_fs:g} fs): {why}; kept the {done + bad} records before it"
+            stopped = f"MD stopped at step {step} ({step * dt_fs:g} fs): {why}; kept the {done + bad} records before it"
             chunks.append(records)
             warnings.warn(stopped, RuntimeWarning, stacklevel=2)
             break
