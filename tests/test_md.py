@@ -33,6 +33,15 @@ def lennard_jones(graph):
     return energy
 
 
+def scaled_lennard_jones(factor):
+    return lambda graph: (lambda positions, lattice: factor * lennard_jones(graph)(positions, lattice))
+
+
+def lennard_jones_pair(graph):
+    """Two members, LJ and 3 x LJ: their mean force is 2 f and each atom's spread |f|."""
+    return [lennard_jones(graph), scaled_lennard_jones(3.0)(graph)]
+
+
 def _argon(repeat=3, rattle=0.05, seed=0):
     atoms = bulk("Ar", "fcc", a=5.26, cubic=True).repeat(repeat)
     atoms.rattle(rattle, seed=seed)
@@ -72,14 +81,7 @@ def test_nve_conserves_energy_and_writes_extxyz(tmp_path):
 def test_an_ensemble_potential_is_the_mean_of_its_members():
     atoms = _argon(repeat=2)
     _, nbrs, single, _ = _setup(atoms)
-
-    def scaled(factor):
-        return lambda graph: (lambda positions, lattice: factor * lennard_jones(graph)(positions, lattice))
-
-    def pair(graph):
-        return [lennard_jones(graph), scaled(3.0)(graph)]
-
-    members = jax.jit(md.neighbor_potentials(pair, atoms.numbers))
+    members = jax.jit(md.neighbor_potentials(lennard_jones_pair, atoms.numbers))
     energies, forces, stress, _ = members(atoms.positions, atoms.cell.array, nbrs)
     assert energies.shape == (2,) and forces.shape == (2, len(atoms), 3) and stress.shape == (2, 3, 3)
     e, f, s, *_ = single(atoms.positions, atoms.cell.array, nbrs)
@@ -87,9 +89,9 @@ def test_an_ensemble_potential_is_the_mean_of_its_members():
     np.testing.assert_allclose(forces[1], 3 * f, rtol=1e-5, atol=1e-6)  # float32 sums of O(0.1) eV/A terms
     assert np.abs(f).max() > 1e-3
     # The mean potential is the potential of the mean energy: forces and stress are its derivatives.
-    mean = md.mean_potential(md.neighbor_potentials(pair, atoms.numbers))
+    mean = md.mean_potential(md.neighbor_potentials(lennard_jones_pair, atoms.numbers))
     got = mean(atoms.positions, atoms.cell.array, nbrs)
-    for got_x, want in zip(got[:3], md.neighbor_potential(scaled(2.0), atoms.numbers)(atoms.positions, atoms.cell.array, nbrs)[:3]):
+    for got_x, want in zip(got[:3], md.neighbor_potential(scaled_lennard_jones(2.0), atoms.numbers)(atoms.positions, atoms.cell.array, nbrs)[:3]):
         np.testing.assert_allclose(got_x, want, rtol=1e-5, atol=1e-6)
     # Members f and 3 f about their mean 2 f: each atom's spread is |f|; one model has none.
     np.testing.assert_allclose(got[4], np.linalg.norm(f, axis=1), rtol=1e-5, atol=1e-6)
@@ -99,8 +101,7 @@ def test_an_ensemble_potential_is_the_mean_of_its_members():
 def test_md_records_the_ensemble_force_spread_at_every_record():
     atoms = _argon(repeat=2)
     fns, nbrs, _, masses = _setup(atoms)
-    pair = md.mean_potential(md.neighbor_potentials(
-        lambda graph: [lennard_jones(graph), lambda p, lat: 3.0 * lennard_jones(graph)(p, lat)], atoms.numbers))
+    pair = md.mean_potential(md.neighbor_potentials(lennard_jones_pair, atoms.numbers))
     init_fn, step_fn = md.nve(pair, dt_fs=5.0)
     velocities = md.maxwell_boltzmann(jax.random.PRNGKey(0), masses, 60.0)
     state = init_fn(atoms.positions, atoms.cell.array, masses, velocities, nbrs)
