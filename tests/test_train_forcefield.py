@@ -1,6 +1,7 @@
 """Force-field training: reference energies, resumable runs, NaN stop, the ASE calculator."""
 
 import dataclasses
+from types import SimpleNamespace
 
 import jax
 import numpy as np
@@ -328,6 +329,26 @@ def test_an_ensemble_of_one_is_its_member_and_of_two_averages_energies_and_force
     assert members[0]["force_mae_eV_per_A"] != members[1]["force_mae_eV_per_A"]
     for key in ("energy_mae_meV_per_atom", "force_mae_eV_per_A"):
         assert both[key] <= (members[0][key] + members[1][key]) / 2 * (1 + 1e-6)  # float32 rounding
+
+
+def _member(energy_error, force_error) -> dict:
+    """An ``evaluate`` result with zero targets and the given signed errors."""
+    return tf._error_metrics(np.zeros(len(energy_error)), np.asarray(energy_error), np.zeros(len(force_error)),
+                             np.asarray(force_error), np.zeros(0), np.ones(len(energy_error)))
+
+
+def test_an_ensemble_of_members_that_err_alike_gains_nothing_and_of_opposite_errors_cancels_them():
+    data = SimpleNamespace(n_atoms=np.ones(3))
+    e, f = np.array([0.002, -0.001, 0.004]), np.array([0.3, -0.1, 0.2, 0.0, -0.5, 0.1])
+    alike = tf.ensemble_metrics([_member(e, f), _member(2 * e, 2 * f)], data)
+    assert alike["energy_error_correlation"] == pytest.approx(1) and alike["force_error_correlation"] == pytest.approx(1)
+    assert alike["energy_mae_over_member_mean"] == pytest.approx(1) and alike["force_mae_over_member_mean"] == pytest.approx(1)
+    opposite = tf.ensemble_metrics([_member(e, f), _member(-e, -f)], data)
+    assert opposite["energy_error_correlation"] == pytest.approx(-1)
+    assert opposite["energy_mae_over_member_mean"] == 0 and opposite["force_mae_over_member_mean"] == 0
+    third = tf.ensemble_metrics([_member(e, f), _member(-e, -f), _member(e, f)], data)
+    assert third["energy_error_correlation"] == pytest.approx(-1 / 3)  # pairs: -1, 1, -1
+    assert np.isnan(tf.ensemble_metrics([_member(e, f)], data)["energy_error_correlation"])
 
 
 def test_errors_by_group_split_the_maes_by_structure():

@@ -274,6 +274,10 @@ def ensemble_metrics(members: list[dict], data: ForceFieldData) -> dict:
     conservative). Adds force_std [3 sum N] (eV/A), the members' spread per component,
     and force_std_error_spearman, the rank correlation of that spread with the ensemble's
     force error (how well the spread flags the worst components; NaN for one member).
+    How much averaging gained, and why: {energy,force}_mae_over_member_mean, the ensemble's
+    MAE over the members' mean MAE, and {energy,force}_error_correlation, the members' mean
+    pairwise correlation of signed errors (per structure per atom; per force component).
+    Members that err alike (correlation near 1) gain nothing from being averaged.
     """
     def mean(key):
         return np.mean([m[key] for m in members], axis=0)
@@ -286,7 +290,19 @@ def ensemble_metrics(members: list[dict], data: ForceFieldData) -> dict:
     ranks = [np.argsort(np.argsort(x)) for x in (spread, error)]
     metrics["force_std"] = spread
     metrics["force_std_error_spearman"] = float(np.corrcoef(*ranks)[0, 1]) if len(members) > 1 else float("nan")
+    for kind, true, pred, mae in (("energy", "energy_true", "energy_pred", "energy_mae_meV_per_atom"),
+                                  ("force", "force_true", "force_pred", "force_mae_eV_per_A")):
+        metrics[f"{kind}_mae_over_member_mean"] = metrics[mae] / mean(mae)
+        metrics[f"{kind}_error_correlation"] = mean_pairwise_correlation([m[pred] - m[true] for m in members])
     return metrics
+
+
+def mean_pairwise_correlation(errors: list[np.ndarray]) -> float:
+    """Mean Pearson correlation over the pairs of K error vectors [L] (NaN for one vector)."""
+    k = len(errors)
+    if k < 2:
+        return float("nan")
+    return float((np.corrcoef(np.stack(errors)).sum() - k) / (k * (k - 1)))
 
 
 def errors_by_group(metrics: dict, groups, n_atoms) -> dict:
