@@ -64,7 +64,7 @@ def group_figures(cfg: MLFFTrainConfig, metrics: dict, data) -> dict:
 
 # Model settings reported for a run (a list of them for an ensemble): report key -> MLFFConfig field.
 MODEL_KEYS = {"interactions": "num_interactions", "cutoff": "cutoff", "features": "features", "envelope_p": "envelope_p",
-              "max_l": "max_l"}
+              "max_l": "max_l", "sqrt_embedding": "sqrt_embedding"}
 # wall_time_s: this invocation; train_s: training time summed over the resumed sessions of the run.
 RUN_KEYS = (*MODEL_KEYS, "epochs_run", "epochs_planned", "best_epoch", "wall_time_s", "train_s")
 
@@ -107,6 +107,8 @@ def main() -> None:
                         help="order of the cutoff envelope polynomial: higher keeps more weight on pairs near the cutoff")
     parser.add_argument("--max-l", type=int, choices=MAX_L_CHOICES,
                         help="moment model: highest angular order of its neighbourhood moments (4 sees cubic bond angles)")
+    parser.add_argument("--sqrt-embedding", type=int, metavar="K",
+                        help="channels of the moment model's Finnis-Sinclair -a sqrt(density) term (0 = none)")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--time-budget", type=float, help="seconds of training after which the run stops")
     parser.add_argument("--learning-rate", type=float, help="peak learning rate of the warm-up + cosine schedule")
@@ -142,7 +144,7 @@ def main() -> None:
     cfg = with_overrides(cfg, overrides)
     model_cfg = with_overrides(model_cfg, {"model": args.model, "num_interactions": args.interactions, "cutoff": args.cutoff,
                                             "features": args.features, "envelope_p": args.envelope_p,
-                                            "max_l": args.max_l})
+                                            "max_l": args.max_l, "sqrt_embedding": args.sqrt_embedding})
     run_dir = args.out or Path("runs") / f"mlff-{args.config}-{cfg.dataset}-{model_cfg.model}"
 
     start = time.perf_counter()

@@ -65,6 +65,8 @@ class MLFFConfig:
     order, 2 (rank-0/1/2 Cartesian moments), 3 or 4 (the power spectra of the l = 3 and 4
     moments added; other models ignore it); avg_neighbors: messages are summed and divided
     by this (the training set's mean neighbour count keeps activations O(1));
+    sqrt_embedding: channels of the moment model's Finnis-Sinclair term, -a sqrt(neighbour
+    density) per atom (``matjax.models.mlff.SqrtEmbedding``; 0 = none);
     edge_chunk: edges per step of the invariant model's message scan (speed only; 32,768
     was the fastest of 4,096-65,536 and one pass for 64-4000-atom Cu on a 2-core Xeon; on
     an H200 GPU, chunks of up to 1,048,576 ran 4000-atom MD 1.42x faster).
@@ -78,6 +80,7 @@ class MLFFConfig:
     envelope_p: int = 6
     max_l: int = 2
     avg_neighbors: float = 1.0
+    sqrt_embedding: int = 0
     edge_chunk: int = 32768
 
 

@@ -14,7 +14,7 @@ from matjax.data.batching import Budget, graphs_tuple
 from matjax.data.graphs import build_graph, pack
 from matjax.geometry.periodic import node_graph_index
 from matjax.models.layers import gaussian_rbf, gaussian_rbf_slope
-from matjax.models.mlff import MomentInteraction, create_model, graph_energy_fn, radial_filter, real_harmonics
+from matjax.models.mlff import MomentInteraction, SqrtEmbedding, create_model, graph_energy_fn, radial_filter, real_harmonics
 from matjax.physics.forces import energy_forces_stress
 from matjax.testing import central_difference
 
@@ -25,6 +25,8 @@ CONFIGS = {
     "moment": MLFFConfig(model="moment", cutoff=CUTOFF, features=16, num_interactions=2, num_rbf=8, avg_neighbors=10.0),
     "moment_l4": MLFFConfig(model="moment", cutoff=CUTOFF, features=16, num_interactions=2, num_rbf=8, avg_neighbors=10.0,
                             max_l=4),
+    "moment_sqrt": MLFFConfig(model="moment", cutoff=CUTOFF, features=16, num_interactions=2, num_rbf=8,
+                              avg_neighbors=10.0, sqrt_embedding=4),
     "tensor": MLFFConfig(model="tensor", cutoff=CUTOFF, features=16, num_interactions=2, num_rbf=8, avg_neighbors=10.0),
 }
 
@@ -281,6 +283,28 @@ def test_only_l4_moments_tell_a_bcc_cube_from_a_square_antiprism(max_l, differs)
 def test_moment_orders_beyond_4_are_refused():
     with pytest.raises(ValueError, match=r"max_l must be one of \(2, 3, 4\), not 6"):
         create_model(MLFFConfig(model="moment", max_l=6))
+
+
+def test_sqrt_embedding_costs_more_per_neighbour_the_fewer_remain():
+    """Finnis-Sinclair: removing neighbours one by one raises the energy by growing steps,
+    down to the isolated atom, whose energy gradient stays finite."""
+    term = SqrtEmbedding(4)
+    rbf = gaussian_rbf(jnp.full(8, 2.5), CUTOFF, 8)
+    species = jnp.array([42] + [42] * 8)
+
+    def centre_energy(envelope):
+        return term.apply(variables, species, rbf, envelope, jnp.zeros(8, int))[0]
+
+    variables = term.init(jax.random.PRNGKey(0), species, rbf, jnp.ones(8), jnp.zeros(8, int))
+    energies = np.array([centre_energy(jnp.arange(8) < n) for n in range(9)])  # n neighbours
+    steps = -np.diff(energies)  # energy lost by adding the n-th neighbour
+    assert np.all(steps > 0) and np.all(np.diff(steps) < 0), energies
+    chex.assert_tree_all_finite(jax.grad(centre_energy)(jnp.zeros(8)))
+
+
+def test_sqrt_embedding_is_refused_for_models_without_it():
+    with pytest.raises(ValueError, match="sqrt_embedding is a term of the moment model, not of 'painn'"):
+        create_model(MLFFConfig(model="painn", sqrt_embedding=4))
 
 
 def test_edge_chunks_do_not_change_the_invariant_model():

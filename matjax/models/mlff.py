@@ -320,12 +320,38 @@ class MomentInteraction(nn.Module):
         return s + a0 + update
 
 
+class SqrtEmbedding(nn.Module):
+    """[N] per-atom -sum_k a_k(Z_i) sqrt(rho_ik + eps), rho_ik = sum_j g_k(r_ij) (Finnis-Sinclair).
+
+    The second-moment approximation of tight binding: an atom's band energy grows as the
+    square root of its neighbour density, so each lost neighbour costs more the fewer are
+    left. A SiLU readout extrapolates about linearly below the coordinations it was trained
+    on and so makes under-coordinated atoms (unseen surface facets) too stable; this concave
+    term has the physical curvature there. g_k = softplus(Dense(rbf)) * envelope >= 0 and
+    a_k = softplus(Embed(Z)) >= 0, so each lost neighbour raises the energy, and by more
+    the fewer neighbours remain. ``eps`` keeps the gradient finite for an atom without
+    neighbours (rho = 0).
+    """
+
+    channels: int
+    eps: float = 1e-4
+
+    @nn.compact
+    def __call__(self, species, rbf, envelope, receivers):
+        density = nn.softplus(nn.Dense(self.channels)(rbf)) * envelope[:, None]  # [E, K]
+        rho = jax.ops.segment_sum(density, receivers, species.shape[0])  # [N, K]
+        # Start small (softplus(-3) = 0.05) so the readout and this term are learned together.
+        amplitude = nn.softplus(nn.Embed(MAX_Z, self.channels, embedding_init=nn.initializers.constant(-3.0))(species))
+        return -jnp.sum(amplitude * jnp.sqrt(rho + self.eps), axis=-1)
+
+
 class MomentMLFF(nn.Module):
     """Invariant scalars updated from rank-0/1/2 Cartesian moments of each neighbourhood.
 
     Same call signature as ``InvariantMLFF``. Every layer sees many-body angular
     information directly (up to 4-body), like moment tensor potentials and MACE, with
-    only 3 x 3 tensor algebra: no spherical harmonics or Clebsch-Gordan tables.
+    only 3 x 3 tensor algebra: no spherical harmonics or Clebsch-Gordan tables. With
+    ``cfg.sqrt_embedding`` > 0 a ``SqrtEmbedding`` term joins the readout.
     """
 
     cfg: MLFFConfig
@@ -337,7 +363,10 @@ class MomentMLFF(nn.Module):
         s = nn.Embed(MAX_Z, features)(species)
         for _ in range(self.cfg.num_interactions):
             s = MomentInteraction(features, self.cfg.max_l)(s, rbf, envelope, units, senders, receivers)
-        return _Constants()(species, _Readout(features)(s))
+        atom_out = _Readout(features)(s)
+        if self.cfg.sqrt_embedding:
+            atom_out = atom_out + SqrtEmbedding(self.cfg.sqrt_embedding)(species, rbf, envelope, receivers)
+        return _Constants()(species, atom_out)
 
 
 def _skew(a):
@@ -477,6 +506,8 @@ def create_model(cfg: MLFFConfig) -> nn.Module:
         raise ValueError(f"unknown force-field model {cfg.model!r}; choose one of {sorted(MODELS)}")
     if cfg.max_l not in MAX_L_CHOICES:
         raise ValueError(f"max_l must be one of {MAX_L_CHOICES}, not {cfg.max_l}")
+    if cfg.sqrt_embedding and cfg.model != "moment":
+        raise ValueError(f"sqrt_embedding is a term of the moment model, not of {cfg.model!r}")
     return MODELS[cfg.model](cfg)
 
 
