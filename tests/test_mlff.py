@@ -290,7 +290,7 @@ def test_sqrt_embedding_costs_more_per_neighbour_the_fewer_remain():
     down to the isolated atom, whose energy gradient stays finite."""
     term = SqrtEmbedding(4)
     rbf = gaussian_rbf(jnp.full(8, 2.5), CUTOFF, 8)
-    species = jnp.array([42] + [42] * 8)
+    species = jnp.full(9, 42)  # a Mo atom and its 8 possible neighbours
 
     def centre_energy(envelope):
         return term.apply(variables, species, rbf, envelope, jnp.zeros(8, int))[0]

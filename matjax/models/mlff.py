@@ -324,13 +324,12 @@ class SqrtEmbedding(nn.Module):
     """[N] per-atom -sum_k a_k(Z_i) sqrt(rho_ik + eps), rho_ik = sum_j g_k(r_ij) (Finnis-Sinclair).
 
     The second-moment approximation of tight binding: an atom's band energy grows as the
-    square root of its neighbour density, so each lost neighbour costs more the fewer are
-    left. A SiLU readout extrapolates about linearly below the coordinations it was trained
-    on and so makes under-coordinated atoms (unseen surface facets) too stable; this concave
-    term has the physical curvature there. g_k = softplus(Dense(rbf)) * envelope >= 0 and
-    a_k = softplus(Embed(Z)) >= 0, so each lost neighbour raises the energy, and by more
-    the fewer neighbours remain. ``eps`` (about 1% of a bulk metal atom's density) bounds
-    the slope 1 / (2 sqrt(rho + eps)) for an atom with almost no neighbours.
+    square root of its neighbour density. With g_k = softplus(Dense(rbf)) * envelope >= 0
+    and a_k = softplus(Embed(Z)) >= 0, each lost neighbour raises the energy, and by more
+    the fewer neighbours remain: the curvature a SiLU readout, which extrapolates about
+    linearly below the coordinations it was trained on, lacks for under-coordinated atoms
+    (unseen surface facets). ``eps`` (about 1% of a bulk metal atom's density) bounds the
+    slope 1 / (2 sqrt(rho + eps)) for an atom with almost no neighbours.
     """
 
     channels: int
