@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 
@@ -20,13 +19,6 @@ def gaussian_rbf_slope(distances: jnp.ndarray, rbf: jnp.ndarray, cutoff: float =
     """[..., num] d rbf / d distance, given rbf = gaussian_rbf(distances, cutoff, num, width)."""
     centres, width = _rbf_grid(cutoff, num, width)
     return -2.0 * (distances[..., None] - centres) / width**2 * rbf
-
-
-def step_basis(distances: jnp.ndarray, cutoff: float = 6.0, num: int = 40) -> jnp.ndarray:
-    """[..., num] smooth steps sigmoid((mu_k - d) / width) down from 1 to 0 at the Gaussian
-    expansion's centres: any non-negative combination of them is non-increasing in d."""
-    centres, width = _rbf_grid(cutoff, num, None)
-    return jax.nn.sigmoid((centres - distances[..., None]) / width)
 
 
 def _rbf_grid(cutoff: float, num: int, width: float | None):

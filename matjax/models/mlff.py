@@ -42,7 +42,7 @@ import numpy as np
 
 from matjax.config import MLFFConfig
 from matjax.geometry.periodic import edge_vectors, node_graph_index
-from matjax.models.layers import gaussian_rbf, gaussian_rbf_slope, polynomial_envelope, step_basis
+from matjax.models.layers import gaussian_rbf, gaussian_rbf_slope, polynomial_envelope
 
 MAX_Z = 119
 
@@ -61,11 +61,10 @@ def _edge_geometry(vectors, edge_mask, cfg: MLFFConfig):
 
 
 def _edge_directions(vectors, edge_mask, cfg: MLFFConfig):
-    """(distances [E], rbf [E, num_rbf], envelope [E], unit vectors [E, 3]) for the equivariant
-    models; edge_mask None = all real."""
+    """(rbf [E, num_rbf], envelope [E], unit vectors [E, 3]) for the equivariant models; edge_mask None = all real."""
     mask = jnp.ones(vectors.shape[:1], bool) if edge_mask is None else edge_mask
     distances, rbf, envelope = _edge_geometry(vectors, mask, cfg)
-    return distances, rbf, envelope, vectors / distances[:, None]
+    return rbf, envelope, vectors / distances[:, None]
 
 
 class _Constants(nn.Module):
@@ -228,7 +227,7 @@ class PaiNN(nn.Module):
     @nn.compact
     def __call__(self, species, vectors, senders, receivers, edge_mask=None):
         cfg = self.cfg
-        _, rbf, envelope, units = _edge_directions(vectors, edge_mask, cfg)
+        rbf, envelope, units = _edge_directions(vectors, edge_mask, cfg)
         s = nn.Embed(MAX_Z, cfg.features)(species)
         v = jnp.zeros((s.shape[0], 3, cfg.features), s.dtype)
         for _ in range(cfg.num_interactions):
@@ -325,30 +324,20 @@ class SqrtEmbedding(nn.Module):
     """[N] per-atom -sum_k a_k(Z_i) sqrt(rho_ik + eps), rho_ik = sum_j g_k(r_ij) (Finnis-Sinclair).
 
     The second-moment approximation of tight binding: an atom's band energy grows as the
-    square root of its neighbour density. With a_k = softplus(Embed(Z)) >= 0 and g_k >= 0,
-    each lost neighbour raises the energy, and by more the fewer neighbours remain: the
-    curvature a SiLU readout, which extrapolates about linearly below the coordinations it
-    was trained on, lacks for under-coordinated atoms (unseen surface facets). g_k is a
-    non-negative combination of smooth steps times the envelope, so it never decreases as a
-    neighbour approaches, as a density of overlapping orbitals must not: an unconstrained
-    g_k (softplus(Dense(rbf))) learned on Mo peaked at the nearest-neighbour distance and
-    fell by 85% at 2 A, telling compressed and hot atoms they had fewer neighbours. ``eps``
-    (about 5% of a bulk metal atom's density) bounds the slope 1 / (2 sqrt(rho + eps)) for
-    an atom with almost no neighbours.
+    square root of its neighbour density. With g_k = softplus(Dense(rbf)) * envelope >= 0
+    and a_k = softplus(Embed(Z)) >= 0, each lost neighbour raises the energy, and by more
+    the fewer neighbours remain: the curvature a SiLU readout, which extrapolates about
+    linearly below the coordinations it was trained on, lacks for under-coordinated atoms
+    (unseen surface facets). ``eps`` (about 1% of a bulk metal atom's density) bounds the
+    slope 1 / (2 sqrt(rho + eps)) for an atom with almost no neighbours.
     """
 
     channels: int
-    cutoff: float
-    num_steps: int
     eps: float = 1e-2
 
     @nn.compact
-    def __call__(self, species, distances, envelope, receivers):
-        weights = self.param("density", nn.initializers.normal(1.0), (self.num_steps, self.channels))
-        # The mean over steps keeps the initial rho within a factor of two of an unconstrained
-        # density's, whatever the number of steps.
-        steps = step_basis(distances, self.cutoff, self.num_steps) / self.num_steps
-        density = (steps @ nn.softplus(weights)) * envelope[:, None]  # [E, K]
+    def __call__(self, species, rbf, envelope, receivers):
+        density = nn.softplus(nn.Dense(self.channels)(rbf)) * envelope[:, None]  # [E, K]
         rho = jax.ops.segment_sum(density, receivers, species.shape[0])  # [N, K]
         # Start at softplus(0) = 0.69 per channel, where the term alone carries about as much
         # coordination dependence as a metal's energy has: started at 0.05, the readout fitted it
@@ -371,14 +360,13 @@ class MomentMLFF(nn.Module):
     @nn.compact
     def __call__(self, species, vectors, senders, receivers, edge_mask=None):
         features = self.cfg.features
-        distances, rbf, envelope, units = _edge_directions(vectors, edge_mask, self.cfg)
+        rbf, envelope, units = _edge_directions(vectors, edge_mask, self.cfg)
         s = nn.Embed(MAX_Z, features)(species)
         for _ in range(self.cfg.num_interactions):
             s = MomentInteraction(features, self.cfg.max_l)(s, rbf, envelope, units, senders, receivers)
         atom_out = _Readout(features)(s)
         if self.cfg.sqrt_embedding:
-            term = SqrtEmbedding(self.cfg.sqrt_embedding, self.cfg.cutoff, self.cfg.num_rbf)
-            atom_out = atom_out + term(species, distances, envelope, receivers)
+            atom_out = atom_out + SqrtEmbedding(self.cfg.sqrt_embedding)(species, rbf, envelope, receivers)
         return _Constants()(species, atom_out)
 
 
@@ -498,7 +486,7 @@ class TensorMLFF(nn.Module):
     @nn.compact
     def __call__(self, species, vectors, senders, receivers, edge_mask=None):
         F = self.cfg.features
-        _, rbf, envelope, units = _edge_directions(vectors, edge_mask, self.cfg)
+        rbf, envelope, units = _edge_directions(vectors, edge_mask, self.cfg)
         x = TensorEmbedding(F)(species, rbf, envelope, units, senders, receivers)
         for _ in range(self.cfg.num_interactions):
             x = TensorInteraction(F)(x, rbf, envelope, senders, receivers)
