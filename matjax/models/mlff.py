@@ -328,8 +328,8 @@ class SqrtEmbedding(nn.Module):
     and a_k = softplus(Embed(Z)) >= 0, each lost neighbour raises the energy, and by more
     the fewer neighbours remain: the curvature a SiLU readout, which extrapolates about
     linearly below the coordinations it was trained on, lacks for under-coordinated atoms
-    (unseen surface facets). ``eps`` (about 1% of a bulk metal atom's density) bounds the
-    slope 1 / (2 sqrt(rho + eps)) for an atom with almost no neighbours.
+    (unseen surface facets). ``eps`` (4-6% of a bulk Mo atom's density per channel, once
+    trained) bounds the slope 1 / (2 sqrt(rho + eps)) for an atom with almost no neighbours.
     """
 
     channels: int
