@@ -8,15 +8,17 @@
     python experiments/train_mlff.py --ensemble runs/a runs/b runs/c --out runs/abc --record ...
 
 Writes <run>/config.json, checkpoints (best + latest; rerunning resumes), history.jsonl,
-test_metrics.json and parity.png. --record merges the test figures into a results JSON.
---ensemble trains nothing: it tests the mean energy of trained runs of one dataset (members
-may differ in --seed, --interactions and --cutoff) and writes <out>/test_metrics.json (members
-and ensemble) and parity.png.
+test_metrics.json, test_energies.csv (each test structure's signed energy error) and parity.png.
+--record merges the test figures into a results JSON. --ensemble trains nothing: it tests the
+mean energy of trained runs of one dataset (members may differ in --seed, --interactions and
+--cutoff) and writes <out>/test_metrics.json (members and ensemble), test_energies.csv (with
+each member's error beside the ensemble's) and parity.png.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import json
 import time
@@ -60,6 +62,27 @@ def group_figures(cfg: MLFFTrainConfig, metrics: dict, data) -> dict:
     if not cfg.dataset.startswith("mlearn-"):
         return {}
     return {"by_group": errors_by_group(metrics, structure_groups(data.ids), data.n_atoms)}
+
+
+def write_test_energies(path: Path, data, metrics: dict, members: dict[str, dict] | None = None) -> None:
+    """CSV, one row per test structure: id, mlearn group, atoms, DFT and model energy (eV/atom)
+    and the signed error (meV/atom); for an ensemble, each member's signed error too (column
+    named by its run).
+
+    A mean error can hide one structure that carries most of it (an unseen surface facet) or a
+    bias every member shares; the signed rows show both.
+    """
+    def error(m):
+        return 1e3 * (m["energy_pred"] - m["energy_true"])
+
+    columns = {"id": data.ids, "group": structure_groups(data.ids), "n_atoms": data.n_atoms,
+               "energy_dft_eV_per_atom": metrics["energy_true"], "energy_model_eV_per_atom": metrics["energy_pred"],
+               "error_meV_per_atom": error(metrics)}
+    columns |= {f"error_meV_per_atom_{name}": error(m) for name, m in (members or {}).items()}
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        writer.writerows(zip(*columns.values()))
 
 
 # Model settings reported for a run (a list of them for an ensemble): report key -> MLFFConfig field.
@@ -160,6 +183,7 @@ def main() -> None:
         "epochs_run": history[-1]["epoch"] if history else 0, "best_epoch": int(best.epoch),
     } | group_figures(cfg, test, splits["test"])
     (run_dir / "test_metrics.json").write_text(json.dumps(figures, indent=2) + "\n")
+    write_test_energies(run_dir / "test_energies.csv", splits["test"], test)
     plot_parity(test, run_dir / "parity.png", f"{cfg.dataset} test, {model_cfg.model}")
     print(json.dumps(figures))
     if args.record:
@@ -188,6 +212,7 @@ def evaluate_ensemble(runs: list[Path], out: Path, record_path: Path | None) -> 
     out.mkdir(parents=True, exist_ok=True)
     (out / "test_metrics.json").write_text(json.dumps(
         {"ensemble": figures, "members": {str(r): scalar_metrics(m) for r, m in zip(runs, members)}}, indent=2) + "\n")
+    write_test_energies(out / "test_energies.csv", splits["test"], ensemble, {str(r): m for r, m in zip(runs, members)})
     name = f"{'+'.join(sorted(models))} ensemble of {len(runs)}"
     plot_parity(ensemble, out / "parity.png", f"{cfg.dataset} test, {name}")
     print(json.dumps(figures))

@@ -1,5 +1,6 @@
 """Every experiment's tiny ``test`` config runs end to end and writes its outputs."""
 
+import csv
 import json
 import os
 import shutil
@@ -61,11 +62,20 @@ def test_ising_phase(tmp_path):
         assert (tmp_path / f"{name}.png").stat().st_size > 1000
 
 
+def read_test_energies(run_dir):
+    """{column: array} of a run's test_energies.csv."""
+    with open(run_dir / "test_energies.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {key: np.array([float(row[key]) for row in rows]) for key in rows[0] if key.startswith("error")}
+
+
 def test_train_mlff_an_ensemble_then_run_md(tmp_path):
     run_experiment("train_mlff.py", tmp_path / "ff")
     metrics = json.loads((tmp_path / "ff" / "test_metrics.json").read_text())
     assert metrics["force_mae_eV_per_A"] > 0 and (tmp_path / "ff" / "parity.png").stat().st_size > 1000
     assert 0 < metrics["train_s"] < metrics["wall_time_s"] and metrics["interactions"] == 1
+    energies = read_test_energies(tmp_path / "ff")
+    assert np.mean(np.abs(energies["error_meV_per_atom"])) == pytest.approx(metrics["energy_mae_meV_per_atom"], rel=1e-5)
     run_experiment("train_mlff.py", tmp_path / "ff1", "--seed", "1", "--energy-weight", "2", "--force-weight", "20",
                    "--learning-rate", "0.002", "--no-holdout", "--interactions", "2", "--features", "8", "--force-huber-delta", "0.05")
     overridden = {"seed": 1, "energy_weight": 2.0, "force_weight": 20.0, "learning_rate": 0.002, "holdout": False,
@@ -91,6 +101,11 @@ def test_train_mlff_an_ensemble_then_run_md(tmp_path):
         assert tested["members"][run]["force_mae_eV_per_A"] == pytest.approx(alone["force_mae_eV_per_A"], rel=1e-4)
     for key in ("energy_mae_meV_per_atom", "force_mae_eV_per_A"):  # |mean error| <= mean |error|
         assert tested["ensemble"][key] <= np.mean([m[key] for m in members]) * (1 + 1e-6)  # float32 rounding
+    # Per structure: each member's column is its own run's error; the ensemble's is their mean.
+    per_structure = read_test_energies(tmp_path / "ens")
+    member_errors = [per_structure[f"error_meV_per_atom_{run}"] for run in runs]
+    np.testing.assert_allclose(member_errors[0], energies["error_meV_per_atom"], atol=1e-3)
+    np.testing.assert_allclose(per_structure["error_meV_per_atom"], np.mean(member_errors, axis=0), atol=1e-3)
     recorded = json.loads((tmp_path / "results.json").read_text())
     assert recorded["model"] == "invariant ensemble of 3" and recorded["interactions"] == [1, 2, 1]
     assert recorded["cutoff"] == [5.0, 5.0, 4.5] and recorded["features"] == [16, 8, 16]
