@@ -57,17 +57,18 @@ def tests_stress(cfg: MLFFTrainConfig) -> bool:
     return cfg.stress_weight > 0 or cfg.dataset.startswith("mlearn")
 
 
-def group_figures(cfg: MLFFTrainConfig, metrics: dict, data) -> dict:
-    """{"by_group": errors per structure group} for mlearn test sets, else {}."""
+def group_figures(cfg: MLFFTrainConfig, metrics: dict, data, groups) -> dict:
+    """{"by_group": errors per structure group} for mlearn test sets, else {}; groups: [M]
+    ``structure_groups`` of ``data``."""
     if not cfg.dataset.startswith("mlearn-"):
         return {}
-    return {"by_group": errors_by_group(metrics, structure_groups(data.ids), data.n_atoms)}
+    return {"by_group": errors_by_group(metrics, groups, data.n_atoms)}
 
 
-def write_test_energies(path: Path, data, metrics: dict, members: dict[str, dict] | None = None) -> None:
-    """CSV, one row per test structure: id, mlearn group, atoms, DFT and model energy (eV/atom)
-    and the signed error (meV/atom); for an ensemble, each member's signed error too (column
-    named by its run).
+def write_test_energies(path: Path, data, groups, metrics: dict, members: dict[str, dict] | None = None) -> None:
+    """CSV, one row per test structure: id, mlearn group (groups: [M] ``structure_groups`` of
+    ``data``), atoms, DFT and model energy (eV/atom) and the signed error (meV/atom); for an
+    ensemble, each member's signed error too (column named by its run).
 
     A mean error can hide one structure that carries most of it (an unseen surface facet) or a
     bias every member shares; the signed rows show both.
@@ -75,7 +76,7 @@ def write_test_energies(path: Path, data, metrics: dict, members: dict[str, dict
     def error(m):
         return 1e3 * (m["energy_pred"] - m["energy_true"])
 
-    columns = {"id": data.ids, "group": structure_groups(data.ids), "n_atoms": data.n_atoms,
+    columns = {"id": data.ids, "group": groups, "n_atoms": data.n_atoms,
                "energy_dft_eV_per_atom": metrics["energy_true"], "energy_model_eV_per_atom": metrics["energy_pred"],
                "error_meV_per_atom": error(metrics)}
     columns |= {f"error_meV_per_atom_{name}": error(m) for name, m in (members or {}).items()}
@@ -177,13 +178,14 @@ def main() -> None:
     budget = budget_for(splits["train"].graphs, cfg.batch_size)
     test = evaluate(make_eval_step(model.cfg, tests_stress(cfg)),
                     best.variables(), splits["test"], budget)
+    groups = structure_groups(splits["test"].ids)
     figures = scalar_metrics(test) | {
         "wall_time_s": round(time.perf_counter() - start, 1), "train_s": history[-1]["train_s"] if history else 0.0,
         "epochs_planned": cfg.epochs, **model_settings(model_cfg),
         "epochs_run": history[-1]["epoch"] if history else 0, "best_epoch": int(best.epoch),
-    } | group_figures(cfg, test, splits["test"])
+    } | group_figures(cfg, test, splits["test"], groups)
     (run_dir / "test_metrics.json").write_text(json.dumps(figures, indent=2) + "\n")
-    write_test_energies(run_dir / "test_energies.csv", splits["test"], test)
+    write_test_energies(run_dir / "test_energies.csv", splits["test"], groups, test)
     plot_parity(test, run_dir / "parity.png", f"{cfg.dataset} test, {model_cfg.model}")
     print(json.dumps(figures))
     if args.record:
@@ -205,14 +207,16 @@ def evaluate_ensemble(runs: list[Path], out: Path, record_path: Path | None) -> 
         members.append(evaluate(make_eval_step(member_cfg, tests_stress(cfg)), variables, splits["test"], budget))
         print(run, json.dumps(scalar_metrics(members[-1])))
     ensemble = ensemble_metrics(members, splits["test"])
+    groups = structure_groups(splits["test"].ids)
     settings = [model_settings(m) for m, _ in configs]
-    figures = scalar_metrics(ensemble) | group_figures(cfg, ensemble, splits["test"]) | {
+    figures = scalar_metrics(ensemble) | group_figures(cfg, ensemble, splits["test"], groups) | {
         "members": [str(r) for r in runs], **{k: [s[k] for s in settings] for k in MODEL_KEYS},
         "wall_time_s": round(time.perf_counter() - start, 1)}
     out.mkdir(parents=True, exist_ok=True)
     (out / "test_metrics.json").write_text(json.dumps(
         {"ensemble": figures, "members": {str(r): scalar_metrics(m) for r, m in zip(runs, members)}}, indent=2) + "\n")
-    write_test_energies(out / "test_energies.csv", splits["test"], ensemble, {str(r): m for r, m in zip(runs, members)})
+    write_test_energies(out / "test_energies.csv", splits["test"], groups, ensemble,
+                        {str(r): m for r, m in zip(runs, members)})
     name = f"{'+'.join(sorted(models))} ensemble of {len(runs)}"
     plot_parity(ensemble, out / "parity.png", f"{cfg.dataset} test, {name}")
     print(json.dumps(figures))
