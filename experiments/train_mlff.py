@@ -119,7 +119,7 @@ def with_overrides(config, overrides: dict):
     return dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=sorted(CONFIGS), default="default")
     parser.add_argument("--dataset", help="emt, mlearn-<Si|Ge|Li|Mo>, aspirin, 3bpa or water")
@@ -153,10 +153,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="run folder; default runs/mlff-<config>-<dataset>-<model>")
     parser.add_argument("--record", type=Path, help="merge the test figures into this results JSON")
     parser.add_argument("--ensemble", type=Path, nargs="+", metavar="RUN", help="test the ensemble of these trained runs")
-    args = parser.parse_args()
-    if args.ensemble:
-        evaluate_ensemble(args.ensemble, args.out or Path("runs") / "mlff-ensemble", args.record)
-        return
+    return parser
+
+
+def configs(args: argparse.Namespace) -> tuple[MLFFConfig, MLFFTrainConfig]:
+    """The model and training configs a command line asks for: its --config with the flags it set."""
     model_cfg, cfg = CONFIGS[args.config]
     overrides = {"dataset": args.dataset, "epochs": args.epochs, "time_budget_s": args.time_budget,
                  "learning_rate": args.learning_rate, "energy_weight": args.energy_weight, "force_weight": args.force_weight,
@@ -169,6 +170,15 @@ def main() -> None:
     model_cfg = with_overrides(model_cfg, {"model": args.model, "num_interactions": args.interactions, "cutoff": args.cutoff,
                                             "features": args.features, "envelope_p": args.envelope_p,
                                             "max_l": args.max_l, "sqrt_embedding": args.sqrt_embedding})
+    return model_cfg, cfg
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    if args.ensemble:
+        evaluate_ensemble(args.ensemble, args.out or Path("runs") / "mlff-ensemble", args.record)
+        return
+    model_cfg, cfg = configs(args)
     run_dir = args.out or Path("runs") / f"mlff-{args.config}-{cfg.dataset}-{model_cfg.model}"
 
     start = time.perf_counter()

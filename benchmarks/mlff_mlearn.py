@@ -1,0 +1,127 @@
+"""Reproduce a recorded mlearn force field: train every member of the element's recorded
+ensemble with its recipe, then test their ensemble on the mlearn test set as shipped.
+
+    python benchmarks/mlff_mlearn.py --element Si --dry-run    # print the commands only
+    python benchmarks/mlff_mlearn.py --element Mo              # needs ../shared; hours on a 2-core CPU
+    python benchmarks/mlff_mlearn.py --element Ge --record benchmarks/results/mlff_mlearn.json
+
+Each member is one ``experiments/train_mlff.py`` run in <runs>/<member>. Training checkpoints
+as it goes and a finished run is only tested again, so the command can be stopped and started
+again. A member that fails is reported and the others still train; the ensemble is tested only
+when every member finished, since a subset is not the recorded force field.
+
+Prints JSON lines (metric names as in ``mlff_mlearn.json``): energy_mae_meV_per_atom and
+force_mae_eV_per_A of each member (impl "member") and of the ensemble (impl "ensemble"), the
+ensemble's with the best published figure (GAP/MTP, Zuo et al., J. Phys. Chem. A 124, 731,
+2020) as baseline: ratio < 1 is better than published. The children's own output goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from common import emit
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ROOT / "experiments" / "train_mlff.py"
+
+COMMON = "--config mlearn --model moment --no-holdout"
+FINAL_STAGE = "--final-stage-epochs 20 --final-energy-weight 300"  # MACE's second stage: energy weight 300
+MO = "--interactions 2 --epochs 100"
+MO_6A = f"{MO} --cutoff 6 --envelope-p 4"
+LI = "--epochs 200 --learning-rate 2e-3 --cutoff 6"
+
+# Each recorded ensemble's members, in its recorded order: run name -> flags beyond COMMON and
+# --dataset (benchmarks/results/mlff_mlearn.md has each run's history and figures).
+RECIPES = {
+    "Si": {
+        "si_l2": "--interactions 2 --epochs 150 --seed 0",
+        "si_l2_s1": "--interactions 2 --epochs 150 --seed 1",
+    },
+    "Mo": {
+        "mo_L4_fs_s0": f"{MO} --max-l 4 {FINAL_STAGE} --seed 0",
+        "mo_L4_fs_sq8_s0": f"{MO} --max-l 4 {FINAL_STAGE} --sqrt-embedding 8 --seed 0",
+        "mo_L4_fs_sq8_s1": f"{MO} --max-l 4 {FINAL_STAGE} --sqrt-embedding 8 --seed 1",
+        "mo_L4_fs_s2": f"{MO} --max-l 4 {FINAL_STAGE} --seed 2",
+        "mo_l2_c6_p4_s0": f"{MO_6A} --seed 0",
+        "mo_L4_c6_p4_s0": f"{MO_6A} --max-l 4 --seed 0",
+        "mo_L4_c6_p4_s1": f"{MO_6A} --max-l 4 --seed 1",
+        "mo_L3_c6_p4_fs_s0": f"{MO_6A} --max-l 3 {FINAL_STAGE} --seed 0",
+        "mo_L3_c6_p4_fs_sq8_s0": f"{MO_6A} --max-l 3 {FINAL_STAGE} --sqrt-embedding 8 --seed 0",
+    },
+    "Ge": {
+        "ge_L3_fs_s1": f"--epochs 150 --max-l 3 {FINAL_STAGE} --seed 1",
+        "ge_L3_s0": "--epochs 150 --max-l 3 --seed 0",
+        "ge_l2": "--interactions 2 --epochs 150 --seed 0",
+    },
+    "Li": {
+        "li_l3_c6_s0": f"{LI} --seed 0",
+        "li_l3_c6_s1": f"{LI} --seed 1",
+    },
+}
+
+# Best published test MAEs (GAP or MTP): energy meV/atom, force eV/A.
+PUBLISHED = {"Si": (2.21, 0.06), "Mo": (2.24, 0.09), "Ge": (1.79, 0.05), "Li": (0.49, 0.01)}
+
+
+def member_args(element: str, member: str) -> list[str]:
+    """train_mlff.py's arguments for one member of the element's recorded ensemble."""
+    return shlex.split(f"{COMMON} --dataset mlearn-{element} {RECIPES[element][member]}")
+
+
+def run(args: list[str]) -> int:
+    """Run train_mlff.py with ``args``, its output to stderr; its exit code."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    print("$", shlex.join([Path(sys.executable).name, str(TRAIN.relative_to(ROOT)), *args]), file=sys.stderr, flush=True)
+    return subprocess.run([sys.executable, str(TRAIN), *args], env=env, stdout=sys.stderr).returncode
+
+
+def emit_figures(figures: dict, impl: str, published: tuple[float, float] | None = None, **extra) -> None:
+    """One JSON line per figure of a run's test_metrics.json."""
+    for metric, unit, baseline in zip(("energy_mae_meV_per_atom", "force_mae_eV_per_A"), ("meV/atom", "eV/A"),
+                                      published or (None, None)):
+        emit("mlff_mlearn", metric, figures[metric], unit, baseline=baseline, impl=impl, **extra)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--element", choices=sorted(RECIPES), required=True)
+    parser.add_argument("--runs", type=Path, default=Path("runs"), help="folder of the member and ensemble runs")
+    parser.add_argument("--record", type=Path, help="merge the ensemble's figures into this results JSON")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands without running them")
+    args = parser.parse_args()
+
+    members = list(RECIPES[args.element])
+    ensemble_dir = args.runs / f"{args.element.lower()}_ensemble"
+    ensemble_args = ["--ensemble", *(str(args.runs / m) for m in members), "--out", str(ensemble_dir)]
+    ensemble_args += ["--record", str(args.record)] if args.record else []
+    commands = [[*member_args(args.element, m), "--out", str(args.runs / m)] for m in members] + [ensemble_args]
+    if args.dry_run:
+        for command in commands:
+            print(shlex.join(["python", str(TRAIN.relative_to(ROOT)), *command]))
+        return
+
+    failed = []
+    for member, command in zip(members, commands):
+        if run(command) != 0:
+            print(f"member {member} failed; the other members go on", file=sys.stderr)
+            failed.append(member)
+            continue
+        figures = json.loads((args.runs / member / "test_metrics.json").read_text())
+        emit_figures(figures, "member", element=args.element, run=member, train_s=figures["train_s"])
+    if failed:
+        sys.exit(f"not tested as an ensemble: members {', '.join(failed)} failed (their output is above)")
+    if run(commands[-1]) != 0:
+        sys.exit("the ensemble's test failed (its output is above)")
+    figures = json.loads((ensemble_dir / "test_metrics.json").read_text())["ensemble"]
+    emit_figures(figures, "ensemble", PUBLISHED[args.element], element=args.element, members=len(members))
+
+
+if __name__ == "__main__":
+    main()
