@@ -75,10 +75,15 @@ def member_args(element: str, member: str) -> list[str]:
     return shlex.split(f"{COMMON} --dataset mlearn-{element} {RECIPES[element][member]}")
 
 
+def command_line(args: list[str]) -> str:
+    """The train_mlff.py command with ``args``, as a user would type it in the repository."""
+    return shlex.join(["python", str(TRAIN.relative_to(ROOT)), *args])
+
+
 def run(args: list[str]) -> int:
     """Run train_mlff.py with ``args``, its output to stderr; its exit code."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    print("$", shlex.join([Path(sys.executable).name, str(TRAIN.relative_to(ROOT)), *args]), file=sys.stderr, flush=True)
+    print("$", command_line(args), file=sys.stderr, flush=True)
     return subprocess.run([sys.executable, str(TRAIN), *args], env=env, stdout=sys.stderr).returncode
 
 
@@ -97,18 +102,17 @@ def main() -> None:
     parser.add_argument("--dry-run", action="store_true", help="print the commands without running them")
     args = parser.parse_args()
 
-    members = list(RECIPES[args.element])
+    members = {m: [*member_args(args.element, m), "--out", str(args.runs / m)] for m in RECIPES[args.element]}
     ensemble_dir = args.runs / f"{args.element.lower()}_ensemble"
     ensemble_args = ["--ensemble", *(str(args.runs / m) for m in members), "--out", str(ensemble_dir)]
     ensemble_args += ["--record", str(args.record)] if args.record else []
-    commands = [[*member_args(args.element, m), "--out", str(args.runs / m)] for m in members] + [ensemble_args]
     if args.dry_run:
-        for command in commands:
-            print(shlex.join(["python", str(TRAIN.relative_to(ROOT)), *command]))
+        for command in [*members.values(), ensemble_args]:
+            print(command_line(command))
         return
 
     failed = []
-    for member, command in zip(members, commands):
+    for member, command in members.items():
         if run(command) != 0:
             print(f"member {member} failed; the other members go on", file=sys.stderr)
             failed.append(member)
@@ -117,7 +121,7 @@ def main() -> None:
         emit_figures(figures, "member", element=args.element, run=member, train_s=figures["train_s"])
     if failed:
         sys.exit(f"not tested as an ensemble: members {', '.join(failed)} failed (their output is above)")
-    if run(commands[-1]) != 0:
+    if run(ensemble_args) != 0:
         sys.exit("the ensemble's test failed (its output is above)")
     figures = json.loads((ensemble_dir / "test_metrics.json").read_text())["ensemble"]
     emit_figures(figures, "ensemble", PUBLISHED[args.element], element=args.element, members=len(members))

@@ -204,9 +204,9 @@ def main() -> None:
 
 def evaluate_ensemble(runs: list[Path], out: Path, record_path: Path | None) -> None:
     """Test each run's best checkpoint and the ensemble of their mean energy on their dataset."""
-    configs = ensemble_configs(runs)
-    cfg, models = configs[0][1], {m.model for m, _ in configs}
-    cutoffs = [m.cutoff for m, _ in configs]
+    member_configs = ensemble_configs(runs)
+    cfg, models = member_configs[0][1], {m.model for m, _ in member_configs}
+    cutoffs = [m.cutoff for m, _ in member_configs]
     start = time.perf_counter()
     # Each model's envelope is zero beyond its own cutoff: graphs built at the largest serve every member.
     splits = load_forcefield(cfg.dataset, max(cutoffs), n_frames=cfg.n_frames)
@@ -218,7 +218,7 @@ def evaluate_ensemble(runs: list[Path], out: Path, record_path: Path | None) -> 
         print(run, json.dumps(scalar_metrics(members[-1])))
     ensemble = ensemble_metrics(members, splits["test"])
     groups = structure_groups(splits["test"].ids)
-    settings = [model_settings(m) for m, _ in configs]
+    settings = [model_settings(m) for m, _ in member_configs]
     figures = scalar_metrics(ensemble) | group_figures(cfg, ensemble, splits["test"], groups) | {
         "members": [str(r) for r in runs], **{k: [s[k] for s in settings] for k in MODEL_KEYS},
         "wall_time_s": round(time.perf_counter() - start, 1)}
