@@ -56,9 +56,10 @@ RECIPES = {
         "mo_L3_c6_p4_fs_sq8_s0": f"{MO_6A} --max-l 3 {FINAL_STAGE} --sqrt-embedding 8 --seed 0",
     },
     "Ge": {
-        "ge_L3_fs_sq8_s1": f"--epochs 150 --max-l 3 {FINAL_STAGE} --sqrt-embedding 8 --seed 1",
+        "ge_L3_fs_s1": f"--epochs 150 --max-l 3 {FINAL_STAGE} --seed 1",
         "ge_L3_s0": "--epochs 150 --max-l 3 --seed 0",
         "ge_l2": "--interactions 2 --epochs 150 --seed 0",
+        "ge_L3_fs_sq8_s1": f"--epochs 150 --max-l 3 {FINAL_STAGE} --sqrt-embedding 8 --seed 1",
     },
     "Li": {
         "li_l3_c6_s0": f"{LI} --seed 0",
