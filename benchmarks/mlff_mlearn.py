@@ -62,6 +62,7 @@ RECIPES = {
         "ge_L3_fs_sq8_s1": f"--epochs 150 --max-l 3 {FINAL_STAGE} --sqrt-embedding 8 --seed 1",
         "ge_l2_sq8_s0": "--interactions 2 --epochs 150 --sqrt-embedding 8 --seed 0",
         "ge_L3_sq8_s0": "--epochs 150 --max-l 3 --sqrt-embedding 8 --seed 0",
+        "ge_L3_sq8_s1": "--epochs 150 --max-l 3 --sqrt-embedding 8 --seed 1",
     },
     "Li": {
         "li_l3_c6_s0": f"{LI} --seed 0",
