@@ -147,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--final-energy-weight", type=float, help="energy weight of the final stage")
     parser.add_argument("--group-energy-weights", metavar="GROUP=W,...",
                         help="multiply the energy loss of these mlearn structure groups, e.g. Surface=10,Vacancy=3")
+    parser.add_argument("--isolated-atoms", metavar="SYMBOL=EV,...",
+                        help="DFT energies of free atoms, trained on as one-atom structures without neighbours")
     parser.add_argument("--no-holdout", action="store_true",
                         help="train on the validation structures too; the last evaluated model is kept")
     parser.add_argument("--seed", type=int, help="initialisation and shuffling seed (ensemble members differ in it)")
@@ -164,7 +166,8 @@ def configs(args: argparse.Namespace) -> tuple[MLFFConfig, MLFFTrainConfig]:
                  "force_huber_delta": args.force_huber_delta,
                  "stress_weight": args.stress_weight, "weight_decay": args.weight_decay, "ema_decay": args.ema_decay,
                  "final_stage_epochs": args.final_stage_epochs, "final_energy_weight": args.final_energy_weight,
-                 "group_energy_weights": args.group_energy_weights, "seed": args.seed,
+                 "group_energy_weights": args.group_energy_weights,
+                 "isolated_atom_energies": args.isolated_atoms, "seed": args.seed,
                  "holdout": False if args.no_holdout else None}
     cfg = with_overrides(cfg, overrides)
     model_cfg = with_overrides(model_cfg, {"model": args.model, "num_interactions": args.interactions, "cutoff": args.cutoff,

@@ -109,6 +109,10 @@ class MLFFTrainConfig:
     configuration type its own energy tolerance: a few surfaces among hundreds of bulk
     frames otherwise barely move the per-atom energy loss ("": all structures alike).
 
+    isolated_atom_energies, e.g. "Mo=-4.5876": DFT energies (eV) of free atoms, each added to
+    the training structures as a one-atom structure without neighbours
+    (``matjax.data.forcefield.with_isolated_atoms``) ("": none).
+
     holdout=False trains on the validation structures too (``load_forcefield``): the model
     of the last evaluation is then the one kept, as validation can no longer select.
     """
@@ -132,6 +136,7 @@ class MLFFTrainConfig:
     final_stage_epochs: int = 0
     final_energy_weight: float = 1000.0
     group_energy_weights: str = ""
+    isolated_atom_energies: str = ""
     holdout: bool = True
     seed: int = 0
 

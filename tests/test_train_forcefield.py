@@ -7,11 +7,13 @@ import jax
 import numpy as np
 import optax
 import pytest
+from ase import Atoms
 from ase.build import bulk, molecule
+from ase.calculators.emt import EMT
 
 import matjax.train.forcefield as tf
 from matjax.config import MLFFConfig, MLFFTrainConfig
-from matjax.data.forcefield import Frame, build_dataset, emt_frames
+from matjax.data.forcefield import Frame, build_dataset, emt_frames, with_isolated_atoms
 from matjax.data.splits import split_indices
 from matjax.train.checkpoint import CheckpointMismatchError
 
@@ -203,7 +205,7 @@ def test_group_energy_weights_scale_each_structures_energy_term(splits, straight
     np.testing.assert_array_equal(tf.energy_weights("", groups), np.ones(4))
     with pytest.raises(ValueError, match="'Surfaces'.*'Surface', 'Vacancy', 'bulk'"):
         tf.energy_weights("Surfaces=10", groups)
-    with pytest.raises(ValueError, match="'Surface=ten' is not Group=weight"):
+    with pytest.raises(ValueError, match="'Surface=ten' is not Name=number"):
         tf.energy_weights("Surface=ten", groups)
     # Energy-only loss: a structure's weight multiplies its own squared error and nothing else.
     data, best = splits["train"], straight_run[1]
@@ -222,6 +224,37 @@ def test_group_energy_weights_scale_each_structures_energy_term(splits, straight
     assert e1 != 0 and float(heavier) - float(plain) == pytest.approx((4 - 1) * e1**2 / 3, rel=1e-4)
     with pytest.raises(ValueError, match="'Surface'"):  # the EMT set has no groups
         tf.train(MODEL, dataclasses.replace(TRAIN, group_energy_weights="Surface=10"), splits, tmp_path / "run")
+
+
+def _free_atom_errors(state, data, index):
+    """(per-atom energy error eV, forces [3] eV/A) of ``state``'s model on structure ``index``."""
+    batch = tf.make_batch(data, [index], tf.budget_for(data.graphs, 1),
+                          np.asarray(state.constants["_Constants_0"]["reference"], np.float64))
+    err = tf.batch_errors(_model_for(data), state.variables(averaged=False), batch, False)
+    return float(err["energy"][0]), np.asarray(err["pred_forces"][0])
+
+
+def test_isolated_atoms_are_edgeless_structures_that_anchor_the_free_atom_energy(splits, tmp_path):
+    data = splits["train"]
+    free = EMT().get_potential_energy(Atoms("Cu", cell=[20] * 3, pbc=True))  # EMT's own free Cu atom (eV)
+    anchored = with_isolated_atoms(data, f"Cu={free},Au=0.25")
+    assert len(anchored) == len(data) + 2 and list(anchored.ids[-2:]) == ["isolated-Cu", "isolated-Au"]
+    assert list(anchored.n_atoms[-2:]) == [1, 1] and list(anchored.graphs.n_edge[-2:]) == [0, 0]
+    assert list(anchored.graphs.species[-2:]) == [29, 79] and list(anchored.energy[-2:]) == [free, 0.25]
+    assert not anchored.forces[-2:].any() and np.isnan(anchored.stress[-2:]).all()
+    np.testing.assert_array_equal(anchored.subset(np.arange(len(data))).forces, data.forces)
+    with pytest.raises(ValueError, match="'Cu=-3.x' is not Name=number"):
+        with_isolated_atoms(data, "Cu=-3.x")
+    with pytest.raises(ValueError, match="'Cx' is not an element symbol"):
+        with_isolated_atoms(data, "Cx=-3.0")
+    # Trained on, the free atom's error shrinks (3.0 -> 2.2 eV here); with no neighbour its force is exactly zero.
+    cfg = dataclasses.replace(TRAIN, epochs=4, learning_rate=3e-2, energy_weight=30.0)
+    errors = {}
+    for spec in ("", f"Cu={free}"):
+        _, best, _ = tf.train(MODEL, dataclasses.replace(cfg, isolated_atom_energies=spec), splits, tmp_path / spec)
+        errors[spec], force = _free_atom_errors(best, anchored, len(anchored) - 2)
+        assert not force.any()
+    assert abs(errors[f"Cu={free}"]) < abs(errors[""]) - 0.4
 
 
 def test_huber_force_loss_is_quadratic_inside_delta_and_linear_beyond(splits, straight_run):

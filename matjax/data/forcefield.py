@@ -39,7 +39,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from matjax.data.dataset import report_skipped
-from matjax.data.graphs import PackedGraphs, build_graph, pack, ragged_arange, take
+from matjax.data.graphs import PackedGraphs, build_graph, concat, pack, ragged_arange, take
 from matjax.data.sources import shared_data_dir
 from matjax.data.splits import hash_bucket, split_indices
 from matjax.geometry.periodic import MOLECULE_BOX
@@ -322,6 +322,48 @@ def build_dataset(ids: Sequence[str], frames: Sequence[Frame], cutoff: float) ->
         forces=np.concatenate([frames[i].forces for i in kept]),
         stress=np.stack([nan if frames[i].stress is None else frames[i].stress for i in kept]),
         skipped=tuple(skipped),
+    )
+
+
+def parse_assignments(spec: str, option: str) -> dict[str, float]:
+    """{name: value} of a "Name=value,..." command-line spec; a malformed item names ``option``."""
+    values = {}
+    for item in filter(None, spec.split(",")):
+        name, _, value = item.partition("=")
+        try:
+            values[name] = float(value)
+        except ValueError:
+            raise ValueError(f"{option}: {item!r} is not Name=number") from None
+    return values
+
+
+def with_isolated_atoms(data: ForceFieldData, spec: str) -> ForceFieldData:
+    """``data`` plus one free atom per "Symbol=energy" of ``spec`` (eV, e.g. "Mo=-4.5876").
+
+    Each is a one-node graph without edges, zero forces and no stress: the DFT energy of the
+    isolated (spin-polarised) atom in the data's own setup, as GAP's e0 and MACE's E0 give
+    it. It anchors the model where no training structure reaches (no neighbours), so
+    under-coordinated atoms (unseen surfaces) are interpolated towards the free atom instead
+    of extrapolated from the lowest trained coordination.
+    """
+    energies = parse_assignments(spec, "isolated_atom_energies")
+    try:
+        species = np.array([_atomic_number(symbol) for symbol in energies], dtype=data.graphs.species.dtype)
+    except KeyError as err:
+        raise ValueError(f"isolated_atom_energies: {err.args[0]!r} is not an element symbol") from None
+    n, g = len(species), data.graphs
+    atoms = PackedGraphs(
+        n_node=np.ones(n, g.n_node.dtype), n_edge=np.zeros(n, g.n_edge.dtype),
+        lattice=np.repeat(np.eye(3)[None] * MOLECULE_BOX, n, axis=0).astype(g.lattice.dtype),
+        species=species, frac=np.full((n, 3), 0.5, g.frac.dtype), senders=np.zeros(0, g.senders.dtype),
+        receivers=np.zeros(0, g.receivers.dtype), shifts=np.zeros((0, 3), g.shifts.dtype),
+        distances=np.zeros(0, g.distances.dtype),
+    )
+    return dataclasses.replace(
+        data, ids=np.concatenate([data.ids, [f"isolated-{symbol}" for symbol in energies]]),
+        graphs=concat([g, atoms]), energy=np.concatenate([data.energy, list(energies.values())]),
+        forces=np.concatenate([data.forces, np.zeros((n, 3))]),
+        stress=np.concatenate([data.stress, np.full((n, 3, 3), np.nan)]),
     )
 
 

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from matjax.config import MLFFConfig, MLFFTrainConfig
 from matjax.data.batching import Budget, batch_indices, budget_for, graphs_tuple
-from matjax.data.forcefield import ForceFieldData, structure_groups
+from matjax.data.forcefield import ForceFieldData, parse_assignments, structure_groups, with_isolated_atoms
 from matjax.data.graphs import take
 from matjax.geometry.periodic import node_graph_index
 from matjax.models.mlff import MAX_Z, create_model, graph_energy_fn
@@ -89,15 +89,11 @@ def energy_weights(spec: str, groups) -> np.ndarray:
     """
     groups = np.asarray(groups)
     weights = np.ones(len(groups), np.float32)
-    for item in filter(None, spec.split(",")):
-        name, _, value = item.partition("=")
+    for name, value in parse_assignments(spec, "group_energy_weights").items():
         if name not in groups:
             raise ValueError(f"group_energy_weights names group {name!r}, but the training structures' "
                              f"groups are {sorted(set(groups.tolist()))}")
-        try:
-            weights[groups == name] = float(value)
-        except ValueError:
-            raise ValueError(f"group_energy_weights: {item!r} is not Group=weight") from None
+        weights[groups == name] = value
     return weights
 
 
@@ -416,6 +412,8 @@ def train(model_cfg: MLFFConfig, cfg: MLFFTrainConfig, splits: dict[str, ForceFi
     """
     run_dir = Path(run_dir)
     train_data, val_data = splits["train"], splits["val"]
+    if cfg.isolated_atom_energies:
+        train_data = with_isolated_atoms(train_data, cfg.isolated_atom_energies)
     stats = data_statistics(train_data)
     model_cfg = dataclasses.replace(model_cfg, avg_neighbors=round(stats["avg_neighbors"], 3))
     save_run_config(run_dir, model_cfg, cfg)
