@@ -226,11 +226,11 @@ def test_group_energy_weights_scale_each_structures_energy_term(splits, straight
         tf.train(MODEL, dataclasses.replace(TRAIN, group_energy_weights="Surface=10"), splits, tmp_path / "run")
 
 
-def _free_atom_errors(state, data, index):
-    """(per-atom energy error eV, forces [3] eV/A) of ``state``'s model on structure ``index``."""
+def _free_atom_errors(model, state, data, index):
+    """(per-atom energy error eV, forces [3] eV/A) of a trained ``model`` on structure ``index``."""
     batch = tf.make_batch(data, [index], tf.budget_for(data.graphs, 1),
                           np.asarray(state.constants["_Constants_0"]["reference"], np.float64))
-    err = tf.batch_errors(_model_for(data), state.variables(averaged=False), batch, False)
+    err = tf.batch_errors(model, state.variables(averaged=False), batch, False)
     return float(err["energy"][0]), np.asarray(err["pred_forces"][0])
 
 
@@ -251,8 +251,8 @@ def test_isolated_atoms_are_edgeless_structures_that_anchor_the_free_atom_energy
     cfg = dataclasses.replace(TRAIN, epochs=4, learning_rate=3e-2, energy_weight=30.0)
     errors = {}
     for spec in ("", f"Cu={free}"):
-        _, best, _ = tf.train(MODEL, dataclasses.replace(cfg, isolated_atom_energies=spec), splits, tmp_path / spec)
-        errors[spec], force = _free_atom_errors(best, anchored, len(anchored) - 2)
+        model, best, _ = tf.train(MODEL, dataclasses.replace(cfg, isolated_atom_energies=spec), splits, tmp_path / spec)
+        errors[spec], force = _free_atom_errors(model, best, anchored, len(anchored) - 2)
         assert not force.any()
     assert abs(errors[f"Cu={free}"]) < abs(errors[""]) - 0.4
 
