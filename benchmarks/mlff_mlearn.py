@@ -35,6 +35,7 @@ COMMON = "--config mlearn --model moment --no-holdout"
 FINAL_STAGE = "--final-stage-epochs 20 --final-energy-weight 300"  # MACE's second stage: energy weight 300
 MO = "--interactions 2 --epochs 100"
 MO_6A = f"{MO} --cutoff 6 --envelope-p 4"
+GE_ATOM = "--isolated-atoms Ge=-0.77067288"  # the free atom at its VASP PBE energy (eV) as a training structure
 LI = "--epochs 200 --learning-rate 2e-3 --cutoff 6"
 
 # Each recorded ensemble's members, in its recorded order: run name -> flags beyond COMMON and
@@ -56,13 +57,10 @@ RECIPES = {
         "mo_L3_c6_p4_fs_sq8_s0": f"{MO_6A} --max-l 3 {FINAL_STAGE} --sqrt-embedding 8 --seed 0",
     },
     "Ge": {
-        "ge_L3_fs_s1": f"--epochs 150 --max-l 3 {FINAL_STAGE} --seed 1",
-        "ge_L3_s0": "--epochs 150 --max-l 3 --seed 0",
-        "ge_l2": "--interactions 2 --epochs 150 --seed 0",
-        "ge_L3_fs_sq8_s1": f"--epochs 150 --max-l 3 {FINAL_STAGE} --sqrt-embedding 8 --seed 1",
-        "ge_l2_sq8_s0": "--interactions 2 --epochs 150 --sqrt-embedding 8 --seed 0",
-        "ge_L3_sq8_s0": "--epochs 150 --max-l 3 --sqrt-embedding 8 --seed 0",
-        "ge_L3_sq8_s1": "--epochs 150 --max-l 3 --sqrt-embedding 8 --seed 1",
+        "ge_l2_iso_s0": f"--interactions 2 --epochs 150 {GE_ATOM} --seed 0",
+        "ge_l2_iso_s1": f"--interactions 2 --epochs 150 {GE_ATOM} --seed 1",
+        "ge_l2_iso_s2": f"--interactions 2 --epochs 150 {GE_ATOM} --seed 2",
+        "ge_L3_sq8_iso_s0": f"--epochs 150 --max-l 3 --sqrt-embedding 8 {GE_ATOM} --seed 0",
     },
     "Li": {
         "li_l3_c6_s0": f"{LI} --seed 0",
