@@ -36,6 +36,7 @@ FINAL_STAGE = "--final-stage-epochs 20 --final-energy-weight 300"  # MACE's seco
 MO = "--interactions 2 --epochs 100"
 MO_6A = f"{MO} --cutoff 6 --envelope-p 4"
 GE_ATOM = "--isolated-atoms Ge=-0.77067288"  # the free atom at its VASP PBE energy (eV) as a training structure
+GE_L2 = f"--interactions 2 --epochs 150 {GE_ATOM}"
 LI = "--epochs 200 --learning-rate 2e-3 --cutoff 6"
 
 # Each recorded ensemble's members, in its recorded order: run name -> flags beyond COMMON and
@@ -57,9 +58,9 @@ RECIPES = {
         "mo_L3_c6_p4_fs_sq8_s0": f"{MO_6A} --max-l 3 {FINAL_STAGE} --sqrt-embedding 8 --seed 0",
     },
     "Ge": {
-        "ge_l2_iso_s0": f"--interactions 2 --epochs 150 {GE_ATOM} --seed 0",
-        "ge_l2_iso_s1": f"--interactions 2 --epochs 150 {GE_ATOM} --seed 1",
-        "ge_l2_iso_s2": f"--interactions 2 --epochs 150 {GE_ATOM} --seed 2",
+        "ge_l2_iso_s0": f"{GE_L2} --seed 0",
+        "ge_l2_iso_s1": f"{GE_L2} --seed 1",
+        "ge_l2_iso_s2": f"{GE_L2} --seed 2",
         "ge_L3_sq8_iso_s0": f"--epochs 150 --max-l 3 --sqrt-embedding 8 {GE_ATOM} --seed 0",
     },
     "Li": {
