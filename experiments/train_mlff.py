@@ -224,6 +224,8 @@ def evaluate_ensemble(runs: list[Path], out: Path, record_path: Path | None) -> 
     settings = [model_settings(m) for m, _ in member_configs]
     figures = scalar_metrics(ensemble) | group_figures(cfg, ensemble, splits["test"], groups) | {
         "members": [str(r) for r in runs], **{k: [s[k] for s in settings] for k in MODEL_KEYS},
+        # each member's training settings too (free-atom anchors, loss stages, seed): a recipe must rebuild all of it
+        "training": [dataclasses.asdict(c) for _, c in member_configs],
         "wall_time_s": round(time.perf_counter() - start, 1)}
     out.mkdir(parents=True, exist_ok=True)
     (out / "test_metrics.json").write_text(json.dumps(
@@ -234,7 +236,7 @@ def evaluate_ensemble(runs: list[Path], out: Path, record_path: Path | None) -> 
     plot_parity(ensemble, out / "parity.png", f"{cfg.dataset} test, {name}")
     print(json.dumps(figures))
     if record_path:
-        record(record_path, cfg, name, figures, run_keys=("members", *MODEL_KEYS, "wall_time_s"))
+        record(record_path, cfg, name, figures, run_keys=("members", *MODEL_KEYS, "training", "wall_time_s"))
 
 
 if __name__ == "__main__":

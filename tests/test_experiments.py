@@ -110,6 +110,7 @@ def test_train_mlff_an_ensemble_then_run_md(tmp_path):
     assert recorded["model"] == "invariant ensemble of 3" and recorded["interactions"] == [1, 2, 1]
     assert recorded["cutoff"] == [5.0, 5.0, 4.5] and recorded["features"] == [16, 8, 16]
     assert recorded["envelope_p"] == [6, 6, 9] and recorded["max_l"] == [2, 2, 3]
+    assert [t["seed"] for t in recorded["training"]] == [0, 1, 0] and recorded["training"][1]["force_huber_delta"] == 0.05
     run_experiment("run_md.py", tmp_path / "md", "--model-dir", str(tmp_path / "ff"))
     summary = json.loads((tmp_path / "md" / "summary.json").read_text())
     assert summary["stopped"] is None and abs(summary["drift_meV_per_atom_per_ps"]) < 10

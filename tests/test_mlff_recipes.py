@@ -1,5 +1,6 @@
 """benchmarks/mlff_mlearn.py's recipes rebuild the members of the recorded mlearn ensembles."""
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -46,6 +47,9 @@ def test_recipes_give_the_recorded_members_settings(scripts, element):
         # every setting the record kept for this member (older records kept fewer)
         assert {k: recorded[k][i] for k in train.MODEL_KEYS if k in recorded} == {
             k: settings[k] for k in train.MODEL_KEYS if k in recorded}, member
+        if "training" in recorded:  # records made since the ensemble kept each member's training settings
+            kept, rebuilt = recorded["training"][i], dataclasses.asdict(cfg)
+            assert kept == {k: rebuilt.get(k) for k in kept}, member
 
 
 def test_dry_run_prints_every_member_then_the_ensemble(tmp_path):
