@@ -4,6 +4,7 @@
     python experiments/train_mlff.py --config test        # seconds, CPU
     python experiments/train_mlff.py --config mlearn --dataset mlearn-Si --record benchmarks/results/mlff_mlearn.json
     python experiments/train_mlff.py --config aspirin --record benchmarks/results/mlff_aspirin.json
+    python experiments/train_mlff.py --config mlearn --dataset mlearn-Mo --model linear   # least squares, minutes
 
     python experiments/train_mlff.py --ensemble runs/a runs/b runs/c --out runs/abc --record ...
 
@@ -32,6 +33,7 @@ from matjax.train.forcefield import (
     ensemble_configs, ensemble_metrics, errors_by_group, evaluate, load_force_field, make_eval_step, plot_parity,
     scalar_metrics, train,
 )
+from matjax.train.linear import fit_linear
 
 CONFIGS = {
     "default": (MLFFConfig(model="invariant", features=64, num_interactions=3), MLFFTrainConfig(dataset="emt", epochs=60)),
@@ -88,7 +90,8 @@ def write_test_energies(path: Path, data, groups, metrics: dict, members: dict[s
 
 # Model settings reported for a run (a list of them for an ensemble): report key -> MLFFConfig field.
 MODEL_KEYS = {"interactions": "num_interactions", "cutoff": "cutoff", "features": "features", "envelope_p": "envelope_p",
-              "max_l": "max_l", "sqrt_embedding": "sqrt_embedding"}
+              "max_l": "max_l", "sqrt_embedding": "sqrt_embedding", "num_rbf": "num_rbf",
+              "min_distance": "min_distance", "product_rbf": "product_rbf"}
 # wall_time_s: this invocation; train_s: training time summed over the resumed sessions of the run.
 RUN_KEYS = (*MODEL_KEYS, "epochs_run", "epochs_planned", "best_epoch", "wall_time_s", "train_s")
 
@@ -133,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="moment model: highest angular order of its neighbourhood moments (4 sees cubic bond angles)")
     parser.add_argument("--sqrt-embedding", type=int, metavar="K",
                         help="channels of the moment model's Finnis-Sinclair -a sqrt(density) term (0 = none)")
+    parser.add_argument("--num-rbf", type=int, help="radial basis functions of the model")
+    parser.add_argument("--min-distance", type=float,
+                        help="linear model: where its Chebyshev radial basis starts (Angstrom; the cutoff ends it)")
+    parser.add_argument("--product-rbf", type=int,
+                        help="linear model: radial functions entering its 4- and 5-body products")
+    parser.add_argument("--ridge", type=float, help="linear model: relative ridge penalty of its least-squares fit")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--time-budget", type=float, help="seconds of training after which the run stops")
     parser.add_argument("--learning-rate", type=float, help="peak learning rate of the warm-up + cosine schedule")
@@ -167,12 +176,14 @@ def configs(args: argparse.Namespace) -> tuple[MLFFConfig, MLFFTrainConfig]:
                  "stress_weight": args.stress_weight, "weight_decay": args.weight_decay, "ema_decay": args.ema_decay,
                  "final_stage_epochs": args.final_stage_epochs, "final_energy_weight": args.final_energy_weight,
                  "group_energy_weights": args.group_energy_weights,
-                 "isolated_atom_energies": args.isolated_atoms, "seed": args.seed,
+                 "isolated_atom_energies": args.isolated_atoms, "seed": args.seed, "ridge": args.ridge,
                  "holdout": False if args.no_holdout else None}
     cfg = with_overrides(cfg, overrides)
     model_cfg = with_overrides(model_cfg, {"model": args.model, "num_interactions": args.interactions, "cutoff": args.cutoff,
                                             "features": args.features, "envelope_p": args.envelope_p,
-                                            "max_l": args.max_l, "sqrt_embedding": args.sqrt_embedding})
+                                            "max_l": args.max_l, "sqrt_embedding": args.sqrt_embedding,
+                                            "num_rbf": args.num_rbf, "min_distance": args.min_distance,
+                                            "product_rbf": args.product_rbf})
     return model_cfg, cfg
 
 
@@ -187,7 +198,8 @@ def main() -> None:
     start = time.perf_counter()
     splits = load_forcefield(cfg.dataset, model_cfg.cutoff, n_frames=cfg.n_frames, holdout=cfg.holdout)
     print({k: len(v) for k, v in splits.items()}, "structures")
-    model, best, history = train(model_cfg, cfg, splits, run_dir)
+    fit = fit_linear if model_cfg.model == "linear" else train  # least squares, or epochs of Adam
+    model, best, history = fit(model_cfg, cfg, splits, run_dir)
     budget = budget_for(splits["train"].graphs, cfg.batch_size)
     test = evaluate(make_eval_step(model.cfg, tests_stress(cfg)),
                     best.variables(), splits["test"], budget)

@@ -57,8 +57,9 @@ class MLFFConfig:
     """A machine-learned force field (``matjax.models.mlff.create_model``).
 
     model: "invariant" (the seed's SchNet-style model), "painn" (equivariant vectors),
-    "moment" (rank-0/1/2 moments contracted to invariants in every layer) or "tensor"
-    (rank-2 Cartesian tensors carried between layers, TensorNet-style);
+    "moment" (rank-0/1/2 moments contracted to invariants in every layer), "tensor"
+    (rank-2 Cartesian tensors carried between layers, TensorNet-style) or "linear" (linear
+    in many-body moment invariants, fitted by least squares: ``matjax.train.linear``);
     cutoff: neighbour radius (Angstrom), where the smooth envelope reaches zero;
     features / num_interactions / num_rbf: width, depth and Gaussian centres on [0, cutoff];
     envelope_p: polynomial order of the envelope; max_l: the moment model's highest angular
@@ -67,6 +68,8 @@ class MLFFConfig:
     by this (the training set's mean neighbour count keeps activations O(1));
     sqrt_embedding: channels of the moment model's Finnis-Sinclair term, -a sqrt(neighbour
     density) per atom (``matjax.models.mlff.SqrtEmbedding``; 0 = none);
+    min_distance / product_rbf: the linear model's Chebyshev radial basis spans [min_distance,
+    cutoff] (num_rbf functions); its 4- and 5-body products use the first product_rbf of them;
     edge_chunk: edges per step of the invariant model's message scan (speed only; 32,768
     was the fastest of 4,096-65,536 and one pass for 64-4000-atom Cu on a 2-core Xeon; on
     an H200 GPU, chunks of up to 1,048,576 ran 4000-atom MD 1.42x faster).
@@ -82,6 +85,8 @@ class MLFFConfig:
     avg_neighbors: float = 1.0
     sqrt_embedding: int = 0
     edge_chunk: int = 32768
+    min_distance: float = 0.0
+    product_rbf: int = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +120,11 @@ class MLFFTrainConfig:
 
     holdout=False trains on the validation structures too (``load_forcefield``): the model
     of the last evaluation is then the one kept, as validation can no longer select.
+
+    The linear model (``matjax.train.linear``) minimises the same energy and force terms in
+    one least-squares solve; of the rest it uses only group_energy_weights,
+    isolated_atom_energies, holdout and ridge: the relative ridge penalty on its coefficients
+    (``matjax.train.linear.ridge_solve``).
     """
 
     dataset: str = "emt"
@@ -138,6 +148,7 @@ class MLFFTrainConfig:
     group_energy_weights: str = ""
     isolated_atom_energies: str = ""
     holdout: bool = True
+    ridge: float = 1e-10
     seed: int = 0
 
 

@@ -28,6 +28,7 @@ CONFIGS = {
     "moment_sqrt": MLFFConfig(model="moment", cutoff=CUTOFF, features=16, num_interactions=2, num_rbf=8,
                               avg_neighbors=10.0, sqrt_embedding=4),
     "tensor": MLFFConfig(model="tensor", cutoff=CUTOFF, features=16, num_interactions=2, num_rbf=8, avg_neighbors=10.0),
+    "linear": MLFFConfig(model="linear", cutoff=CUTOFF, num_rbf=6, product_rbf=3, min_distance=1.0, avg_neighbors=10.0),
 }
 
 

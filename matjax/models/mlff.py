@@ -31,9 +31,17 @@ the ``constants`` variable collection: stored with the parameters, never trained
   traceless parts) from layer to layer, coupled by matrix products (TensorNet): the most
   accurate here on rMD17 aspirin (test forces 12.3 meV/A after 200 epochs; the moment model
   reached 15.1 after 500).
+- ``LinearMomentMLFF``: no network. Each atom's energy is linear in up to 5-body invariants of
+  its neighbourhood's moments (``moment_invariants``), as in moment tensor potentials, so it is
+  fitted by least squares (``matjax.train.linear``): the recorded Mo model, whose unseen (211)
+  surface it extrapolates to where every network over-stabilised it.
 """
 
 from __future__ import annotations
+
+import functools
+import itertools
+import operator
 
 import flax.linen as nn
 import jax
@@ -370,6 +378,96 @@ class MomentMLFF(nn.Module):
         return _Constants()(species, atom_out)
 
 
+def chebyshev_radial(distances, envelope, cfg: MLFFConfig):
+    """[E, num_rbf] T_k(x) times ``envelope`` [E], x = 2 (r - min_distance) / (cutoff - min_distance) - 1.
+
+    Chebyshev polynomials on [min_distance, cutoff], as in moment tensor potentials. Below
+    min_distance they extrapolate as polynomials (smoothly: no clipping, so no kink in the
+    forces of an atom pushed closer than any training pair).
+    """
+    x = 2.0 * (distances - cfg.min_distance) / (cfg.cutoff - cfg.min_distance) - 1.0
+    basis = [jnp.ones_like(x), x]
+    for _ in range(cfg.num_rbf - 2):
+        basis.append(2.0 * x * basis[-1] - basis[-2])
+    return jnp.stack(basis[: cfg.num_rbf], axis=-1) * envelope[:, None]
+
+
+def _triu(a):
+    """[N, M, M] symmetric in the last two axes -> [N, M (M + 1) / 2] entries with k <= k'."""
+    rows, cols = np.triu_indices(a.shape[-1])
+    return a[:, rows, cols]
+
+
+def _symmetric_products(x, order: int):
+    """[N, C(M + order - 1, order)] products x_a x_b ... (order factors, a <= b <= ...) of x [N, M]."""
+    combos = itertools.combinations_with_replacement(range(x.shape[-1]), order)
+    return jnp.stack([functools.reduce(operator.mul, [x[:, k] for k in c]) for c in combos], axis=-1)
+
+
+def moment_invariants(vectors, edge_mask, receivers, n_atoms: int, cfg: MLFFConfig):
+    """[n_atoms, K] rotation-invariant polynomials of each atom's neighbourhood moments.
+
+    Per atom and radial function k (``chebyshev_radial``, M = cfg.num_rbf of them) the moments
+    A_lk = sum_j R_k(r_ij) Y_l(u_ij) for l = 0..4 (l = 1, 2 Cartesian, 3, 4 real harmonics).
+    Invariants, by body order (neighbours + 1):
+    - 2: A_0k (M);
+    - 3: the power spectra P_l(k, k') = A_lk . A_lk', l = 0..4, k <= k' (5 M (M + 1) / 2);
+    - 4 and 5, on the first M3 = cfg.product_rbf radial functions only (where products
+      multiply, the slowly varying functions carry most of the weight): A_0 A_0 A_0 and
+      A_0 A_0 A_0 A_0, A_0 x P_l (l >= 1), A_1 . A_2 A_1', tr A_2 A_2' A_2'' and the pairwise
+      products of the P_l (l >= 1): the many-body contractions of moment tensor potentials.
+    All are polynomials in the A's without a constant term, so an atom without neighbours has
+    B = 0, and the energy is linear in the coefficients (``LinearMomentMLFF``).
+    """
+    mask = jnp.ones(vectors.shape[:1], bool) if edge_mask is None else edge_mask
+    # The envelope carries 1 / avg_neighbors: moments O(1), so that their products stay O(1) in float32.
+    distances, _, envelope = _edge_geometry(vectors, mask, cfg)
+    units = vectors / distances[:, None]
+    radial = chebyshev_radial(distances, envelope, cfg)  # [E, M]
+
+    def moment(angular):  # [E, D] -> [N, D, M]
+        return jax.ops.segment_sum(angular[:, :, None] * radial[:, None, :], receivers, n_atoms)
+
+    a0 = jax.ops.segment_sum(radial, receivers, n_atoms)  # [N, M]
+    a1 = moment(units)  # [N, 3, M]
+    a2 = moment(_traceless_outer(units))[:, jnp.asarray(_SYM_INDEX)]  # [N, 3, 3, M]
+    high = [moment(real_harmonics(units, l)) for l in (3, 4)]  # [N, 2l + 1, M]
+    power = [a0[:, :, None] * a0[:, None, :], jnp.einsum("nmk,nml->nkl", a1, a1),
+             jnp.einsum("nijk,nijl->nkl", a2, a2), *[jnp.einsum("nmk,nml->nkl", a, a) for a in high]]
+    m3 = cfg.product_rbf
+    b0, b1, b2 = a0[:, :m3], a1[..., :m3], a2[..., :m3]
+    pairs = jnp.concatenate([_triu(p[:, :m3, :m3]) for p in power[1:]], axis=-1)  # [N, 4 M3 (M3 + 1) / 2]
+    vector_tensor_vector = jnp.einsum("nia,nijb,njc->nbac", b1, b2, b1).reshape(n_atoms * m3, m3, m3)
+    triple_trace = [jnp.einsum("nij,njk,nki->n", b2[..., a], b2[..., b], b2[..., c])
+                    for a, b, c in itertools.combinations_with_replacement(range(m3), 3)]
+    return jnp.concatenate([
+        a0, *[_triu(p) for p in power],
+        _symmetric_products(b0, 3), _symmetric_products(b0, 4),
+        (b0[:, :, None] * pairs[:, None, :]).reshape(n_atoms, -1),
+        _triu(vector_tensor_vector).reshape(n_atoms, -1), jnp.stack(triple_trace, axis=-1),
+        _symmetric_products(pairs, 2),
+    ], axis=-1)
+
+
+class LinearMomentMLFF(nn.Module):
+    """Per-atom energy W[Z_i] . B_i + reference[Z_i], linear in the coefficients W [MAX_Z, K].
+
+    B_i = ``moment_invariants`` (up to 5-body). Fitted by least squares, not trained
+    (``matjax.train.linear``): one linear solve, the same result on every machine. The
+    coefficients depend on the centre atom's element; neighbours enter the moments alike,
+    whatever their element, so the model suits one-element systems (the mlearn sets) and
+    is coarse for alloys, where the networks tell neighbours apart.
+    """
+
+    cfg: MLFFConfig
+
+    @nn.compact
+    def __call__(self, species, vectors, senders, receivers, edge_mask=None):
+        invariants = moment_invariants(vectors, edge_mask, receivers, species.shape[0], self.cfg)
+        coefficients = self.param("coefficients", nn.initializers.normal(1.0), (MAX_Z, invariants.shape[-1]))
+        return _Constants()(species, jnp.sum(coefficients[species] * invariants, axis=-1))
+
+
 def _skew(a):
     """[N, 3, F] axial vectors -> [N, 3, 3, F] antisymmetric matrices (skew(a) b = a x b)."""
     x, y, z = a[:, 0], a[:, 1], a[:, 2]
@@ -496,7 +594,8 @@ class TensorMLFF(nn.Module):
         return _Constants()(species, _Readout(F)(h))
 
 
-MODELS = {"invariant": InvariantMLFF, "painn": PaiNN, "moment": MomentMLFF, "tensor": TensorMLFF}
+MODELS = {"invariant": InvariantMLFF, "painn": PaiNN, "moment": MomentMLFF, "tensor": TensorMLFF,
+          "linear": LinearMomentMLFF}
 # The moment model's highest angular orders: 2 (Cartesian rank-0/1/2), 3 and 4 (``real_harmonics``).
 MAX_L_CHOICES = (2, 3, 4)
 
