@@ -398,6 +398,24 @@ def load_ensemble(run_dirs, which: str = "best") -> tuple[list[tuple[nn.Module, 
     return [(model, variables) for model, variables, _ in loaded], [model_cfg for _, _, model_cfg in loaded]
 
 
+def prepare_run(model_cfg: MLFFConfig, cfg: MLFFTrainConfig, splits: dict[str, ForceFieldData], run_dir: Path):
+    """(training structures, with ``cfg``'s free atoms added; the model config with their mean
+    neighbour count as ``avg_neighbors``; ``data_statistics``), after writing the run's config.json."""
+    train_data = splits["train"]
+    if cfg.isolated_atom_energies:
+        train_data = with_isolated_atoms(train_data, cfg.isolated_atom_energies)
+    stats = data_statistics(train_data)
+    model_cfg = dataclasses.replace(model_cfg, avg_neighbors=round(stats["avg_neighbors"], 3))
+    save_run_config(run_dir, model_cfg, cfg)
+    return train_data, model_cfg, stats
+
+
+def validation_loss(cfg: MLFFTrainConfig, val: dict) -> float:
+    """The loss's energy and force terms with validation MAEs (``scalar_metrics``) in place of RMS
+    errors: what selects the best checkpoint."""
+    return cfg.energy_weight * (val["energy_mae_meV_per_atom"] / 1e3) ** 2 + cfg.force_weight * val["force_mae_eV_per_A"] ** 2
+
+
 def train(model_cfg: MLFFConfig, cfg: MLFFTrainConfig, splits: dict[str, ForceFieldData], run_dir: str | Path):
     """Train (or resume) a force field; returns (model, best TrainState, history).
 
@@ -411,12 +429,8 @@ def train(model_cfg: MLFFConfig, cfg: MLFFTrainConfig, splits: dict[str, ForceFi
     ends past that much training time, summed over resumed sessions.
     """
     run_dir = Path(run_dir)
-    train_data, val_data = splits["train"], splits["val"]
-    if cfg.isolated_atom_energies:
-        train_data = with_isolated_atoms(train_data, cfg.isolated_atom_energies)
-    stats = data_statistics(train_data)
-    model_cfg = dataclasses.replace(model_cfg, avg_neighbors=round(stats["avg_neighbors"], 3))
-    save_run_config(run_dir, model_cfg, cfg)
+    val_data = splits["val"]
+    train_data, model_cfg, stats = prepare_run(model_cfg, cfg, splits, run_dir)
     model = create_model(model_cfg)
     budget = budget_for(train_data.graphs, cfg.batch_size)
     steps_per_epoch = len(batch_indices(train_data.graphs, budget))
@@ -461,8 +475,7 @@ def train(model_cfg: MLFFConfig, cfg: MLFFTrainConfig, splits: dict[str, ForceFi
         out_of_time = cfg.time_budget_s is not None and train_s > cfg.time_budget_s
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs or out_of_time:
             val = scalar_metrics(evaluate(eval_step, state.variables(), val_data, budget))
-            val_loss = (stage_cfg.energy_weight * (val["energy_mae_meV_per_atom"] / 1e3) ** 2
-                        + stage_cfg.force_weight * val["force_mae_eV_per_A"] ** 2)
+            val_loss = validation_loss(stage_cfg, val)
             record = {"epoch": epoch + 1, "stage": stage, "energy_weight": stage_cfg.energy_weight, "train_loss": train_loss, "train_s": round(train_s, 1), **{f"val_{k}": v for k, v in val.items()}}
             checkpointer.save("latest", int(state.step), state, {"train_s": train_s})
             if (-stage, val_loss) < best_key or not cfg.holdout:

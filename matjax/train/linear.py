@@ -15,7 +15,6 @@ solved with a ridge penalty on the columns standardised to unit RMS (``ridge_sol
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import time
@@ -28,11 +27,11 @@ from tqdm.auto import tqdm
 
 from matjax.config import MLFFConfig, MLFFTrainConfig
 from matjax.data.batching import budget_for
-from matjax.data.forcefield import ForceFieldData, structure_groups, with_isolated_atoms
+from matjax.data.forcefield import ForceFieldData, structure_groups
 from matjax.models.mlff import MAX_Z, create_model, moment_invariants
 from matjax.train.forcefield import (
-    create_optimizer, data_statistics, energy_weights, evaluate, init_state, make_batch, make_eval_step,
-    run_checkpointer, save_run_config, scalar_metrics,
+    create_optimizer, energy_weights, evaluate, init_state, make_batch, make_eval_step, prepare_run, run_checkpointer,
+    scalar_metrics, validation_loss,
 )
 
 
@@ -72,6 +71,7 @@ def normal_equations(model_cfg: MLFFConfig, data: ForceFieldData, elements: np.n
     n_node, n_edge = int(data.n_atoms.max()), max(int(data.graphs.n_edge.max()), 1)
     fn = _sums_and_derivatives(model_cfg, n_node)
     starts = np.cumsum(data.n_atoms) - data.n_atoms
+    wf = force_weight / (3 * data.n_atoms.sum())
     a = b = squares = 0.0
     with jax.enable_x64(True):
         for s in tqdm(range(len(data)), desc="least-squares rows", leave=False):
@@ -84,7 +84,6 @@ def normal_equations(model_cfg: MLFFConfig, data: ForceFieldData, elements: np.n
                                          np.zeros((3 * n, len(elements)))], axis=1)
             forces = data.forces[starts[s]: starts[s] + n].ravel()
             w = energy_weight * (1.0 if weights is None else weights[s]) / len(data)
-            wf = force_weight / (3 * data.n_atoms.sum())
             a = a + w * np.outer(energy_row, energy_row) + wf * force_rows.T @ force_rows
             b = b + w * energy_row * data.energy[s] / n + wf * force_rows.T @ forces
             squares = squares + energy_row**2 + np.sum(force_rows**2, axis=0)
@@ -112,11 +111,7 @@ def fit_linear(model_cfg: MLFFConfig, cfg: MLFFTrainConfig, splits: dict[str, Fo
         raise ValueError("the linear model is fitted to energies and forces; set stress_weight to 0")
     run_dir = Path(run_dir)
     start = time.perf_counter()
-    train_data = splits["train"]
-    if cfg.isolated_atom_energies:
-        train_data = with_isolated_atoms(train_data, cfg.isolated_atom_energies)
-    model_cfg = dataclasses.replace(model_cfg, avg_neighbors=round(data_statistics(train_data)["avg_neighbors"], 3))
-    save_run_config(run_dir, model_cfg, cfg)
+    train_data, model_cfg, _ = prepare_run(model_cfg, cfg, splits, run_dir)
     model = create_model(model_cfg)
     elements = np.unique(train_data.graphs.species)
     weights = energy_weights(cfg.group_energy_weights, structure_groups(train_data.ids)) if cfg.group_energy_weights else None
@@ -136,7 +131,7 @@ def fit_linear(model_cfg: MLFFConfig, cfg: MLFFTrainConfig, splits: dict[str, Fo
     train_s = time.perf_counter() - start
     record = {"epoch": 1, "stage": 0, "energy_weight": cfg.energy_weight, "ridge": cfg.ridge, "train_s": round(train_s, 1),
               **{f"val_{k}": v for k, v in val.items()}}
-    val_loss = cfg.energy_weight * (val["energy_mae_meV_per_atom"] / 1e3) ** 2 + cfg.force_weight * val["force_mae_eV_per_A"] ** 2
+    val_loss = validation_loss(cfg, val)
     with run_checkpointer(run_dir, model_cfg, cfg) as checkpointer:
         checkpointer.save("latest", 1, state, {"train_s": train_s})
         checkpointer.save("best", 1, state, {"val_loss": val_loss, "epoch": 1, "stage": 0})
